@@ -1,0 +1,60 @@
+// Philox4x32-10 counter-based RNG and the LoRA-FA dropout mask, shared by the CPU and CUDA kernels.
+//
+// The keep-mask of element e of the flattened (N, in) input is word (e & 3) of
+// Philox(counter = (e >> 2, (e >> 2) >> 32, 0, 0), key = (seed, seed >> 32)); the element is dropped iff
+// that word < floor(p * 2^32). The Python fallback and lorafa_ext/reference.py implement the same
+// definition, so every backend draws the same mask for a seed.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LORAFA_HD __host__ __device__ __forceinline__
+#define LORAFA_UNROLL _Pragma("unroll")
+#else
+#define LORAFA_HD inline
+#define LORAFA_UNROLL
+#endif
+
+namespace lorafa {
+
+struct PhiloxWords {
+  uint32_t w[4];
+};
+
+LORAFA_HD PhiloxWords philox4x32_10(uint64_t counter, uint64_t seed) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
+  uint32_t c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+LORAFA_UNROLL
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+  }
+  return PhiloxWords{{c0, c1, c2, c3}};
+}
+
+// floor(p * 2^32) for p in [0, 1): words below it are dropped.
+inline uint32_t dropout_threshold(double p) {
+  return static_cast<uint32_t>(p * 4294967296.0);
+}
+
+// Whether element `index` of the flattened input is kept.
+LORAFA_HD bool dropout_keep(uint64_t seed, uint64_t index, uint32_t threshold) {
+  const PhiloxWords r = philox4x32_10(index >> 2, seed);
+  const uint32_t lane = static_cast<uint32_t>(index & 3);
+  const uint32_t word = lane == 0 ? r.w[0] : lane == 1 ? r.w[1] : lane == 2 ? r.w[2] : r.w[3];
+  return word >= threshold;
+}
+
+}  // namespace lorafa

@@ -1,0 +1,182 @@
+"""Side-by-side timing of training-style steps.
+
+A *step* is ``y = forward(k)`` followed by ``torch.autograd.grad(y, inputs(k), dy(k))`` on rotation
+set ``k``. One sample takes three timestamps (before the forward, between forward and backward, after
+the backward), so one run gives forward, backward and forward+backward times that add up exactly.
+
+* GPU: CUDA events on the current stream. Before every sample the L2 cache is flushed by zeroing a
+  buffer twice its size (outside the timed region), and the inputs/parameters are rotated over several
+  independent sets, so nothing runs from cache. The host synchronises once per round, never inside
+  a sample.
+* CPU: ``time.perf_counter_ns`` around each part, Python's garbage collector off while sampling.
+  Operations on the CPU are synchronous, so wall time is the op's time.
+
+All variants are measured side by side: every round runs one sample of each variant, in an order
+that rotates from round to round, so drift (clocks, thermal state, other processes) hits every
+variant alike and ratios between variants are taken from the same run. Statistics are medians.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+PASSES = ("fwd", "bwd", "fwdbwd")
+
+
+@dataclass
+class Step:
+    """What the timer needs from a variant: forward(k) -> y, inputs(k) -> tensors to differentiate, dy(k)."""
+
+    forward: Callable[[int], torch.Tensor]
+    inputs: Callable[[int], Sequence[torch.Tensor]]
+    grad_output: Callable[[int], torch.Tensor]
+    sets: int = 1
+
+    def run(self, k: int, marks: Callable[[], object] | None = None):
+        """One step on set k; returns the three marks (or None when marks is None)."""
+        m0 = marks() if marks else None
+        y = self.forward(k)
+        m1 = marks() if marks else None
+        torch.autograd.grad(y, list(self.inputs(k)), self.grad_output(k))
+        m2 = marks() if marks else None
+        return m0, m1, m2
+
+
+@dataclass
+class TimingConfig:
+    warmup: int = 3          # warm-up rounds (at least one per rotation set)
+    reps: int = 20           # target number of samples per variant
+    max_reps: int = 200      # hard cap on samples (short ops keep sampling until min_time_s)
+    min_time_s: float = 0.0  # keep sampling up to max_reps until this much wall time has passed
+    max_time_s: float = 60.0 # stop once this much wall time has passed and min_samples were taken
+    min_samples: int = 3
+
+
+@dataclass
+class Samples:
+    """Per-variant samples in seconds."""
+
+    fwd: list = field(default_factory=list)
+    bwd: list = field(default_factory=list)
+    fwdbwd: list = field(default_factory=list)
+
+    def add(self, f: float, b: float):
+        self.fwd.append(f)
+        self.bwd.append(b)
+        self.fwdbwd.append(f + b)
+
+    def __len__(self):
+        return len(self.fwdbwd)
+
+
+def median_us(xs: Sequence[float]) -> float:
+    return statistics.median(xs) * 1e6
+
+
+def iqr_us(xs: Sequence[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return (q[2] - q[0]) * 1e6
+
+
+def summarize(s: Samples) -> dict:
+    """Median (and spread) in microseconds, keys ending in _us."""
+    out = {}
+    for p in PASSES:
+        out[f"{p}_us"] = median_us(getattr(s, p))
+    out["fwdbwd_iqr_us"] = iqr_us(s.fwdbwd)
+    out["samples"] = len(s)
+    return out
+
+
+class _L2Flusher:
+    def __init__(self, device: torch.device):
+        self.buf = None
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            l2 = int(getattr(props, "L2_cache_size", 0) or 64 * 2**20)
+            self.buf = torch.empty(2 * l2 // 4 + 1024, dtype=torch.int32, device=device)
+
+    def __call__(self):
+        if self.buf is not None:
+            self.buf.zero_()
+
+
+def _cuda_mark():
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
+def measure(steps: dict, device: torch.device, cfg: TimingConfig, on_round: Callable[[], None] | None = None):
+    """Time every step side by side.
+
+    Returns (samples: {name: Samples}, failures: {name: "error text"}). A step that raises during
+    warm-up is dropped and reported in failures; the others go on.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    flush = _L2Flusher(device)
+    names = list(steps)
+    failures: dict = {}
+
+    # Warm-up: at least one step on every rotation set (compiles torch.compile'd variants).
+    for name in list(names):
+        st = steps[name]
+        try:
+            for i in range(max(cfg.warmup, st.sets)):
+                st.run(i % st.sets)
+            if cuda:
+                torch.cuda.synchronize(device)
+        except Exception as e:  # noqa: BLE001 - a failing variant must not end the run
+            failures[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            names.remove(name)
+            if cuda:
+                torch.cuda.synchronize(device)
+    samples = {n: Samples() for n in names}
+    if not names:
+        return samples, failures
+
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    t_start = time.perf_counter()
+    rnd = 0
+    try:
+        while True:
+            order = names[rnd % len(names):] + names[: rnd % len(names)]
+            pending = []
+            for name in order:
+                st = steps[name]
+                k = rnd % st.sets
+                if cuda:
+                    flush()
+                    m = st.run(k, _cuda_mark)
+                    pending.append((name, m))
+                else:
+                    m = st.run(k, time.perf_counter_ns)
+                    samples[name].add((m[1] - m[0]) * 1e-9, (m[2] - m[1]) * 1e-9)
+            if cuda:
+                torch.cuda.synchronize(device)
+                for name, (e0, e1, e2) in pending:
+                    samples[name].add(e0.elapsed_time(e1) * 1e-3, e1.elapsed_time(e2) * 1e-3)
+            rnd += 1
+            if on_round is not None:
+                on_round()
+            elapsed = time.perf_counter() - t_start
+            if rnd >= cfg.max_reps:
+                break
+            if rnd >= cfg.reps and elapsed >= cfg.min_time_s:
+                break
+            if rnd >= cfg.min_samples and elapsed >= cfg.max_time_s:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples, failures
