@@ -78,6 +78,16 @@ def _nvidia_dirs(kind):
     return sorted({d for d in dirs if os.path.isdir(d)})
 
 
+def _cublas_link_args(lib_dirs):
+    """Link cuBLAS by its versioned name (the wheels ship no unversioned libcublas.so), with an rpath
+    to the wheel's folder; torch loads the same library first in any case."""
+    for d in lib_dirs:
+        versioned = sorted(glob.glob(os.path.join(d, "libcublas.so.*")))
+        if versioned:
+            return [f"-l:{os.path.basename(versioned[0])}", f"-Wl,-rpath,{d}"]
+    return ["-lcublas"]
+
+
 def extensions():
     debug = os.environ.get("LORAFA_DEBUG") == "1"
     host_flags = ["-O0", "-g"] if debug else ["-O3"]
@@ -95,8 +105,7 @@ def extensions():
     kwargs.update(
         include_dirs=[d for d in _nvidia_dirs("include") if os.path.exists(os.path.join(d, "cublas_v2.h"))],
         library_dirs=lib_dirs,
-        extra_link_args=["-l:libcublas.so.13" if os.path.exists(os.path.join(d, "libcublas.so.13")) else "-lcublas"
-                         for d in lib_dirs[:1]] or ["-lcublas"],
+        extra_link_args=_cublas_link_args(lib_dirs),
     )
     return [CUDAExtension("lorafa_ext._C", sources, **kwargs)]
 
