@@ -120,6 +120,8 @@ setup(
     install_requires=["torch>=2.11"],
     extras_require={
         "test": ["pytest", "numpy"],
+        "bench": ["matplotlib", "tqdm", "transformers>=4.46"],
+        "peft": ["peft>=0.15", "transformers>=4.46", "safetensors>=0.4"],
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

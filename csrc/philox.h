@@ -22,24 +22,33 @@ struct PhiloxWords {
   uint32_t w[4];
 };
 
+// One Philox4x32 round on the counter (c0, c1, c2, c3) with key (k0, k1).
+LORAFA_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                            uint32_t k1) {
+  const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+  const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+  const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+  const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+  c1 = static_cast<uint32_t>(p1);
+  c3 = static_cast<uint32_t>(p0);
+  c0 = n0;
+  c2 = n2;
+}
+
+// Key of round `round` (0-based): the seed's words plus `round` Weyl increments.
+LORAFA_HD uint32_t philox_key0(uint64_t seed, int round) {
+  return static_cast<uint32_t>(seed) + 0x9E3779B9u * static_cast<uint32_t>(round);
+}
+LORAFA_HD uint32_t philox_key1(uint64_t seed, int round) {
+  return static_cast<uint32_t>(seed >> 32) + 0xBB67AE85u * static_cast<uint32_t>(round);
+}
+
 LORAFA_HD PhiloxWords philox4x32_10(uint64_t counter, uint64_t seed) {
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-LORAFA_UNROLL
+  LORAFA_UNROLL
   for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
-    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(p1);
-    c3 = static_cast<uint32_t>(p0);
-    c0 = n0;
-    c2 = n2;
+    philox_round(c0, c1, c2, c3, philox_key0(seed, round), philox_key1(seed, round));
   }
   return PhiloxWords{{c0, c1, c2, c3}};
 }

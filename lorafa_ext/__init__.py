@@ -49,7 +49,10 @@ def backend() -> str:
     return "cuda" if has_cuda else "cpu"
 
 
+from .layers import LoRAFALinear  # noqa: E402
+from .model import apply_lorafa, lorafa_layers, lorafa_parameters, merge_and_unload  # noqa: E402
 from .ops import correct_grad, dropout_mask, gram_inverse, linear, linear_backward, linear_forward  # noqa: E402
+from .peft_compat import AdapterError, from_peft, load_adapter, save_adapter  # noqa: E402
 
 __all__ = [
     "backend",
@@ -59,4 +62,13 @@ __all__ = [
     "gram_inverse",
     "correct_grad",
     "dropout_mask",
+    "LoRAFALinear",
+    "apply_lorafa",
+    "lorafa_parameters",
+    "lorafa_layers",
+    "merge_and_unload",
+    "save_adapter",
+    "load_adapter",
+    "from_peft",
+    "AdapterError",
 ]

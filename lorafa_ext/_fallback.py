@@ -6,6 +6,8 @@ same dropout mask, on any device.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _checks
@@ -72,15 +74,22 @@ def linear_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed
     _checks.check_forward("lorafa.linear_forward", x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     out, n_in = weight.shape
     zdt = torch.promote_types(x.dtype, lora_a.dtype)
+    # y is allocated in its final shape and filled through a 2-D view, so the op returns no view.
+    y = x.new_empty((*x.shape[:-1], out))
     with _no_autocast(x.device):
-        x2 = x.reshape(-1, n_in)
-        y = torch.nn.functional.linear(x2, weight, bias)
+        rows = math.prod(x.shape[:-1])
+        x2 = x.reshape(rows, n_in)
+        y2 = y.view(rows, out)
+        if bias is None:
+            torch.mm(x2, weight.t(), out=y2)
+        else:
+            torch.addmm(bias, x2, weight.t(), out=y2)
         z = _dropped(x2.to(zdt), seed, dropout_p) @ lora_a.t()
         if zdt == x.dtype:
-            y = torch.addmm(y, z, lora_b.t(), alpha=scaling)
+            y2.addmm_(z, lora_b.t(), alpha=scaling)
         else:
-            y = (y.to(zdt) + scaling * (z @ lora_b.t())).to(x.dtype)
-    return y.reshape(*x.shape[:-1], out), z
+            y2.copy_(y2.to(zdt).addmm_(z, lora_b.t(), alpha=scaling))
+    return y, z
 
 
 def linear_backward(grad_y, z, weight, lora_a, lora_b, scaling, dropout_p, seed, output_mask):
@@ -89,13 +98,14 @@ def linear_backward(grad_y, z, weight, lora_a, lora_b, scaling, dropout_p, seed,
     empty = grad_y.new_empty(0)
     dx, d_b, d_bias = empty, lora_b.new_empty(0), empty
     with _no_autocast(grad_y.device):
-        dy = grad_y.reshape(-1, out)
+        rows = math.prod(grad_y.shape[:-1])
+        dy = grad_y.reshape(rows, out)
         dyz = dy.to(z.dtype)
         if output_mask[0]:
             t = dyz @ lora_b
             lowrank = _dropped(t @ lora_a, seed, dropout_p)
-            dx = (dy @ weight).to(z.dtype).add_(lowrank, alpha=scaling).to(grad_y.dtype)
-            dx = dx.reshape(*grad_y.shape[:-1], n_in)
+            dx = grad_y.new_empty((*grad_y.shape[:-1], n_in))  # not a view of a temporary
+            dx.view(rows, n_in).copy_((dy @ weight).to(z.dtype).add_(lowrank, alpha=scaling))
         if output_mask[1]:
             d_b = (dyz.t() @ z).mul_(scaling).to(lora_b.dtype)
         if output_mask[2]:

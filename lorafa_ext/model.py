@@ -127,7 +127,7 @@ def _replace(model: nn.Module, targets: Dict[int, nn.Module]) -> nn.Module:
     for parent in list(model.modules()):
         if isinstance(parent, LoRAFALinear):
             continue
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # named_children() skips repeats
             new = targets.get(id(child))
             if new is not None and new is not parent:
                 setattr(parent, child_name, new)

@@ -73,6 +73,17 @@ def _is_peft_model(model) -> bool:
     return peft is not None and isinstance(model, getattr(peft, "PeftModel", ()))
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / torch.compile wrappers (whose names carry a prefix)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _to_cpu(t: Tensor) -> Tensor:
     t = t.detach()
     if not _is_plain_tensor(t) and not t.is_meta:
@@ -116,6 +127,7 @@ def save_adapter(
     ``adapter_config.json`` in ``directory``, which ``peft.PeftModel.from_pretrained(base_model,
     directory)`` loads. A PeftModel switched by ``from_peft`` is saved with its own ``save_pretrained``.
     Under FSDP2 every rank must call this (the shards are gathered); only rank 0 need keep the files."""
+    model = _unwrap(model)
     if _is_peft_model(model):
         model.save_pretrained(directory)
         return
@@ -313,6 +325,7 @@ def load_adapter(
     mismatched shapes, keys or rank, or a corrupted file) the model is left untouched.
     ``strict``: also an error when the model has LoRA-FA layers that the adapter does not cover.
     """
+    wrapper, model = model, _unwrap(model)
     if _is_peft_model(model):
         raise TypeError(
             "load_adapter: this is a PeftModel; use its own load_adapter(directory, adapter_name) and then "
@@ -414,10 +427,12 @@ def load_adapter(
     if new_layers:
         for p in model.parameters():
             p.requires_grad_(False)
-        model = _replace(model, new_layers)
+        replaced = _replace(model, new_layers)
         for layer in new_layers.values():
             layer.lora_B.requires_grad_(True)
-    return model
+        if replaced is not model:  # the model itself was the one adapted Linear
+            return replaced
+    return wrapper
 
 
 # ====================================================================================== from_peft

@@ -11,8 +11,11 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
+# cuBLAS needs this before CUDA initialises for torch.use_deterministic_algorithms(True) (test_cuda.py)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

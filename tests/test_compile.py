@@ -109,14 +109,17 @@ def test_dynamic_shapes(backend):
     cnt = torch._dynamo.testing.CompileCounterWithBackend(backend)
     compiled = torch.compile(model, backend=cnt, fullgraph=True, dynamic=True)
     gen = torch.Generator().manual_seed(5)
+    counts = []
     for n in (5, 9):
         x = torch.randn(n, 33, generator=gen)
         y_c, g_c = _step(compiled, x)
+        counts.append(cnt.frame_count)
         y_e, g_e = _step(model, x)
+        assert y_c.shape == (n, 17)
         torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
         for a, b in zip(g_c, g_e):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert cnt.frame_count == 1, f"recompiled for a new N ({cnt.frame_count} compilations)"
+    assert counts[0] >= 1 and counts[1] == counts[0], f"recompiled for a new N: compilations {counts}"
 
 
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])

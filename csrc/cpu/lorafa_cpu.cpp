@@ -4,6 +4,10 @@
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <algorithm>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <limits>
 
 #include "../lorafa.h"
@@ -13,16 +17,93 @@ namespace lorafa::cpu {
 
 namespace {
 
-// Calls f(begin, end, keep) for the elements [begin, end) of a contiguous tensor of `numel` elements,
-// in parallel, with keep(e) the dropout keep-bit of element e.
+constexpr int64_t kChunk = 1024;  // Philox counters per parallel work item (4 elements each)
+
+// keep[i] = keep-bit of element 4 * c_begin + i, for 4 * count elements: one Philox call a counter.
+void keep_bytes_scalar(uint64_t seed, uint32_t threshold, uint64_t c_begin, int64_t count,
+                       uint8_t* keep) {
+  for (int64_t i = 0; i < count; ++i) {
+    const PhiloxWords r = philox4x32_10(c_begin + static_cast<uint64_t>(i), seed);
+    for (int j = 0; j < 4; ++j) keep[4 * i + j] = r.w[j] >= threshold;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LORAFA_AVX2_PHILOX 1
+
+// (hi, lo) 32-bit halves of the 32 x 32 -> 64-bit products m * c in 8 lanes.
+__attribute__((target("avx2"))) inline void mulhilo8(__m256i m, __m256i c, __m256i& hi,
+                                                      __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(c, m);                         // lanes 0, 2, 4, 6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);  // lanes 1, 3, 5, 7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// keep_bytes_scalar's result, 8 counters at a time in AVX2 (c_begin and count multiples of 8).
+__attribute__((target("avx2"))) void keep_bytes_avx2(uint64_t seed, uint32_t threshold,
+                                                     uint64_t c_begin, int64_t count,
+                                                     uint8_t* keep) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // Unsigned w >= threshold as max(w, threshold) == w.
+  const __m256i thr = _mm256_set1_epi32(static_cast<int>(threshold));
+  for (int64_t base = 0; base < count; base += 8) {
+    const uint64_t c = c_begin + static_cast<uint64_t>(base);
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(c))), lane);
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(c >> 32)));
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    for (int round = 0; round < 10; ++round) {
+      const __m256i k0 = _mm256_set1_epi32(static_cast<int>(philox_key0(seed, round)));
+      const __m256i k1 = _mm256_set1_epi32(static_cast<int>(philox_key1(seed, round)));
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo8(m0, c0, hi0, lo0);
+      mulhilo8(m1, c2, hi1, lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), k0);
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), k1);
+      c1 = lo1;
+      c3 = lo0;
+    }
+    const __m256i words[4] = {c0, c1, c2, c3};
+    int bits[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256i ge = _mm256_cmpeq_epi32(_mm256_max_epu32(words[j], thr), words[j]);
+      bits[j] = _mm256_movemask_ps(_mm256_castsi256_ps(ge));
+    }
+    uint8_t* k = keep + 4 * base;
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 4; ++j) k[4 * i + j] = static_cast<uint8_t>((bits[j] >> i) & 1);
+  }
+}
+#endif
+
+void keep_bytes(uint64_t seed, uint32_t threshold, uint64_t c_begin, int64_t count, uint8_t* keep) {
+#ifdef LORAFA_AVX2_PHILOX
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (has_avx2 && c_begin % 8 == 0) {
+    const int64_t vec = count - count % 8;
+    keep_bytes_avx2(seed, threshold, c_begin, vec, keep);
+    keep_bytes_scalar(seed, threshold, c_begin + static_cast<uint64_t>(vec), count - vec,
+                      keep + 4 * vec);
+    return;
+  }
+#endif
+  keep_bytes_scalar(seed, threshold, c_begin, count, keep);
+}
+
+// Calls f(e0, e1, keep) over spans [e0, e1) covering every element e < numel of a contiguous tensor,
+// in parallel, with keep[e - e0] the dropout keep-bit (0 or 1) of element e.
 template <typename F>
 void parallel_keep(int64_t numel, uint64_t seed, uint32_t threshold, const F& f) {
-  at::parallel_for(0, (numel + 3) / 4, 2048, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const PhiloxWords r = philox4x32_10(static_cast<uint64_t>(c), seed);
-      for (int64_t lane = 0; lane < 4 && 4 * c + lane < numel; ++lane) {
-        f(4 * c + lane, r.w[lane] >= threshold);
-      }
+  const int64_t counters = (numel + 3) / 4;
+  at::parallel_for(0, (counters + kChunk - 1) / kChunk, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    uint8_t keep[4 * kChunk];
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t c0 = chunk * kChunk, count = std::min(kChunk, counters - c0);
+      keep_bytes(seed, threshold, static_cast<uint64_t>(c0), count, keep);
+      const int64_t e0 = 4 * c0, e1 = std::min(numel, 4 * (c0 + count));
+      f(e0, e1, static_cast<const uint8_t*>(keep));
     }
   });
 }
@@ -40,8 +121,10 @@ at::Tensor dropped(const at::Tensor& src_in, uint64_t seed, double p) {
     const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
     const scalar_t* in = src.const_data_ptr<scalar_t>();
     scalar_t* out = dst.mutable_data_ptr<scalar_t>();
-    parallel_keep(src.numel(), seed, dropout_threshold(p), [&](int64_t e, bool keep) {
-      out[e] = keep ? static_cast<scalar_t>(static_cast<acc_t>(in[e]) * scale) : scalar_t(0);
+    parallel_keep(src.numel(), seed, dropout_threshold(p), [&](int64_t e0, int64_t e1, const uint8_t* keep) {
+      for (int64_t e = e0; e < e1; ++e) {
+        out[e] = static_cast<scalar_t>(static_cast<acc_t>(in[e]) * (keep[e - e0] ? scale : acc_t(0)));
+      }
     });
   });
   return dst;
@@ -52,17 +135,27 @@ at::Tensor dropped(const at::Tensor& src_in, uint64_t seed, double p) {
 void add_dropped(at::Tensor& dst, const at::Tensor& src, double alpha, uint64_t seed, double p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "lorafa_add", [&] {
     using dst_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lorafa_add_src", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "lorafa_add_src", [&] {
       using src_t = scalar_t;
       using acc_t = std::conditional_t<std::is_same_v<src_t, double>, double, float>;
       const acc_t a = static_cast<acc_t>(alpha);
       const src_t* in = src.const_data_ptr<src_t>();
       dst_t* out = dst.mutable_data_ptr<dst_t>();
-      parallel_keep(dst.numel(), seed, dropout_threshold(p), [&](int64_t e, bool keep) {
-        if (keep) out[e] = static_cast<dst_t>(static_cast<acc_t>(out[e]) + a * static_cast<acc_t>(in[e]));
+      parallel_keep(dst.numel(), seed, dropout_threshold(p), [&](int64_t e0, int64_t e1, const uint8_t* keep) {
+        for (int64_t e = e0; e < e1; ++e) {
+          const acc_t v = keep[e - e0] ? a * static_cast<acc_t>(in[e]) : acc_t(0);
+          out[e] = static_cast<dst_t>(static_cast<acc_t>(out[e]) + v);
+        }
       });
     });
   });
+}
+
+// x's shape with the last dim replaced.
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t last) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = last;
+  return shape;
 }
 
 // Kernels run below autocast: the composite `linear` has already cast to the autocast dtype.
@@ -81,18 +174,23 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
   const int64_t out = weight.size(0), in = weight.size(1), rows = flat_rows(x);
   const auto zdt = z_dtype(x, lora_a);
   const at::Tensor x2 = x.reshape({rows, in});
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  // y is allocated in its final shape and filled through a 2-D view, so the op returns no view.
+  at::Tensor y = at::empty(out_shape(x, out), x.options());
+  at::Tensor y2 = y.view({rows, out});
+  if (bias.has_value()) {
+    at::addmm_out(y2, *bias, x2, weight.t());
+  } else {
+    at::mm_out(y2, x2, weight.t());
+  }
   at::Tensor xz = x2.to(zdt);
   if (dropout_p > 0.0) xz = dropped(xz, seed_value(seed), dropout_p);
   const at::Tensor z = at::mm(xz, lora_a.to(zdt).t());
   if (zdt == x.scalar_type()) {
-    y.addmm_(z, lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
+    y2.addmm_(z, lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
   } else {
-    add_dropped(y, at::mm(z, lora_b.to(zdt).t()), scaling, 0, 0.0);
+    add_dropped(y2, at::mm(z, lora_b.to(zdt).t()), scaling, 0, 0.0);
   }
-  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
-  y_shape.back() = out;
-  return {y.view(y_shape), z};
+  return {y, z};
 }
 
 Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& weight,
@@ -108,17 +206,16 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at
   const at::Tensor dyz = dy.to(zdt);
   at::Tensor dx = grad_y.new_empty({0}), d_b = lora_b.new_empty({0}), d_bias = grad_y.new_empty({0});
   if (output_mask[0]) {
-    dx = at::mm(dy, weight);
+    dx = at::empty(out_shape(grad_y, in), grad_y.options());
+    at::Tensor dx2 = dx.view({rows, in});
+    at::mm_out(dx2, dy, weight);
     const at::Tensor t = at::mm(dyz, lora_b.to(zdt));
     if (dropout_p == 0.0 && zdt == dx.scalar_type()) {
-      dx.addmm_(t, lora_a, /*beta=*/1.0, /*alpha=*/scaling);
+      dx2.addmm_(t, lora_a, /*beta=*/1.0, /*alpha=*/scaling);
     } else {
       const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
-      add_dropped(dx, at::mm(t, lora_a.to(zdt)), scaling / (1.0 - dropout_p), s, dropout_p);
+      add_dropped(dx2, at::mm(t, lora_a.to(zdt)), scaling / (1.0 - dropout_p), s, dropout_p);
     }
-    std::vector<int64_t> dx_shape(grad_y.sizes().begin(), grad_y.sizes().end());
-    dx_shape.back() = in;
-    dx = dx.view(dx_shape);
   }
   if (output_mask[1]) {
     d_b = at::mm(dyz.t(), z).mul_(scaling).to(lora_b.scalar_type());
@@ -156,7 +253,9 @@ at::Tensor dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, doub
   at::Tensor mask = at::empty({rows, cols}, seed.options().dtype(at::kBool));
   bool* out = mask.mutable_data_ptr<bool>();
   parallel_keep(rows * cols, static_cast<uint64_t>(seed.item<int64_t>()), dropout_threshold(p),
-                [&](int64_t e, bool keep) { out[e] = keep; });
+                [&](int64_t e0, int64_t e1, const uint8_t* keep) {
+                  for (int64_t e = e0; e < e1; ++e) out[e] = keep[e - e0] != 0;
+                });
   return mask;
 }
 

@@ -381,22 +381,24 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor w = weight.contiguous();
   const at::Tensor a = lora_a.to(zdt).contiguous(), b = lora_b.to(zdt).contiguous();
   const std::optional<at::Tensor> bc = bias.has_value() ? std::optional(bias->contiguous()) : bias;
-  at::Tensor y = at::empty({rows, out}, x.options());
+  // y is allocated in its final shape and filled through a 2-D view, so the op returns no view.
+  at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
+  at::Tensor y2 = y.view({rows, out});
   at::Tensor z = at::empty({rows, r}, x.options().dtype(zdt));
   if (rows > 0) {
-    gemm(false, true, rows, out, in, x2, x2.stride(0), w, w.stride(0), y, out);
+    gemm(false, true, rows, out, in, x2, x2.stride(0), w, w.stride(0), y2, out);
     dispatch_xz(x.scalar_type(), zdt, "lorafa.linear_forward", [&](auto xtag, auto ztag) {
       using XT = decltype(xtag);
       using ZT = decltype(ztag);
       launch_project<XT, ZT>(x2.const_data_ptr<XT>(), x2.stride(0), x2.stride(1),
                              a.const_data_ptr<ZT>(), in, 1, z.mutable_data_ptr<ZT>(), rows, r, in,
                              1.0 / (1.0 - dropout_p), seed_ptr(seed, dropout_p), dropout_p);
-      launch_expand<XT, ZT>(y.mutable_data_ptr<XT>(), bc ? bc->const_data_ptr<XT>() : nullptr,
+      launch_expand<XT, ZT>(y2.mutable_data_ptr<XT>(), bc ? bc->const_data_ptr<XT>() : nullptr,
                             z.const_data_ptr<ZT>(), b.const_data_ptr<ZT>(), r, 1, rows, out, r,
                             scaling, nullptr, 0.0);
     });
   }
-  return {y.view(with_last(x.sizes(), out)), z};
+  return {y, z};
 }
 
 Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z_in, const at::Tensor& weight,
@@ -414,7 +416,7 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z_in, const
   const at::Tensor a = lora_a.to(zdt).contiguous(), b = lora_b.to(zdt).contiguous();
   at::Tensor dx = grad_y.new_empty({0}), d_b = lora_b.new_empty({0}), d_bias = grad_y.new_empty({0});
   at::Tensor db_z;  // dB in z's dtype, before the cast to lora_b's
-  if (output_mask[0]) dx = at::empty({rows, in}, grad_y.options());
+  if (output_mask[0]) dx = at::empty(with_last(grad_y.sizes(), in), grad_y.options());
   if (output_mask[1]) db_z = at::empty({out, r}, z.options());
   if (output_mask[2]) d_bias = at::empty({out}, grad_y.options());
   dispatch_xz(grad_y.scalar_type(), zdt, "lorafa.linear_backward", [&](auto ytag, auto ztag) {
@@ -422,7 +424,8 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z_in, const
     using ZT = decltype(ztag);
     if (output_mask[0] && rows > 0) {
       const at::Tensor w = weight.contiguous();
-      gemm(false, false, rows, in, out, dy, dy.stride(0), w, w.stride(0), dx, in);
+      at::Tensor dx2 = dx.view({rows, in});
+      gemm(false, false, rows, in, out, dy, dy.stride(0), w, w.stride(0), dx2, in);
       at::Tensor t = at::empty({rows, r}, z.options());  // s * dy B
       launch_project<YT, ZT>(dy.const_data_ptr<YT>(), dy.stride(0), 1, b.const_data_ptr<ZT>(), 1,
                              r, t.mutable_data_ptr<ZT>(), rows, r, out, scaling, nullptr, 0.0);
@@ -441,7 +444,6 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z_in, const
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  if (output_mask[0]) dx = dx.view(with_last(grad_y.sizes(), in));
   if (output_mask[1]) d_b = db_z.to(lora_b.scalar_type());
   return {dx, d_b, d_bias};
 }

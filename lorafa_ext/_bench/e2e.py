@@ -16,9 +16,11 @@ repeated at the largest batch (halving) that fits every method.
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field, asdict
 from typing import Callable, Sequence
 
@@ -102,19 +104,42 @@ def build_model(model_cfg: dict, dtype: torch.dtype, device, seed: int = 0):
     return model
 
 
-def _lorafa_modules(model):
+def layer_api():
+    """(apply_lorafa, lorafa_parameters) from lorafa_ext (top level, else lorafa_ext.model)."""
     import lorafa_ext
 
-    cls = getattr(lorafa_ext, "LoRAFALinear", None)
-    return [m for m in model.modules() if cls is not None and isinstance(m, cls)]
+    apply = getattr(lorafa_ext, "apply_lorafa", None)
+    params = getattr(lorafa_ext, "lorafa_parameters", None)
+    if apply is None or params is None:
+        from lorafa_ext import model as _model
+
+        apply, params = _model.apply_lorafa, _model.lorafa_parameters
+    return apply, params
 
 
-def _cast_lorafa_adapters(model, dtype: torch.dtype):
-    """Put our adapters (the layer's own parameters, not the wrapped base layer's) in `dtype`."""
-    for m in _lorafa_modules(model):
-        for p in m.parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)
+def _apply_lorafa(model, cfg: "E2EConfig", dropout: float, adapter_dtype: torch.dtype):
+    apply, _ = layer_api()
+    kw = {}
+    try:
+        if "adapter_dtype" in inspect.signature(apply).parameters:
+            kw["adapter_dtype"] = adapter_dtype
+    except (TypeError, ValueError):
+        pass
+    ret = apply(model, list(TARGET_MODULES), r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=dropout,
+                correction=True, **kw)
+    model = ret if isinstance(ret, torch.nn.Module) else model
+    if not kw:  # an apply_lorafa without adapter_dtype: cast the adapters' own parameters
+        import lorafa_ext
+
+        cls = getattr(lorafa_ext, "LoRAFALinear", None)
+        if cls is None:
+            from lorafa_ext.layers import LoRAFALinear as cls
+        for m in model.modules():
+            if isinstance(m, cls):
+                for p in m.parameters(recurse=False):
+                    if p.is_floating_point() and p.dtype != adapter_dtype:
+                        p.data = p.data.to(adapter_dtype)
+    return model
 
 
 def prepare(method: str, model, cfg: E2EConfig, dropout: float, device):
@@ -146,15 +171,11 @@ def prepare(method: str, model, cfg: E2EConfig, dropout: float, device):
             params = [p for p in pm.parameters() if p.requires_grad]
         return pm, opt, sum(p.numel() for p in params)
     if method == "lorafa":
-        import lorafa_ext
-
+        _, lorafa_parameters = layer_api()
         for p in model.parameters():
             p.requires_grad_(False)
-        ret = lorafa_ext.apply_lorafa(model, list(TARGET_MODULES), r=cfg.r, lora_alpha=cfg.alpha,
-                                      lora_dropout=dropout, correction=True)
-        model = ret if isinstance(ret, torch.nn.Module) else model
-        _cast_lorafa_adapters(model, torch.float32 if cfg.adapter_dtype == "fp32" else dtype)
-        params = list(lorafa_ext.lorafa_parameters(model))
+        model = _apply_lorafa(model, cfg, dropout, torch.float32 if cfg.adapter_dtype == "fp32" else dtype)
+        params = list(lorafa_parameters(model))
         keep = {id(p) for p in params}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
@@ -175,70 +196,79 @@ def _train_step(model, opt, ids):
     return loss
 
 
+def _measure(method: str, cfg: E2EConfig, batch: int, grad_ckpt: bool, dropout: float | None, device,
+             row: dict) -> None:
+    """Build, wrap, warm up and time one method, filling `row`. Everything it allocates is local, so
+    it is all released when this returns or raises (an OOM must not keep a 7B model alive)."""
+    if cfg.simulate_oom is not None and cfg.simulate_oom(method, batch):
+        raise torch.OutOfMemoryError("simulated out of memory")
+    model = build_model(cfg.model_config(), DTYPES[cfg.dtype], device, seed=cfg.seed)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base_params = list(model.parameters())
+    model, opt, n_train = prepare(method, model, cfg, dropout or 0.0, device)
+    row["trainable_params"] = int(n_train)
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+    vocab = cfg.model_config()["vocab_size"]
+    ids = torch.randint(0, vocab, (batch, cfg.seq), generator=g).to(device)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats(device)
+    # Warm-up. The first step also counts what autograd saves (unique storages); parameters and
+    # buffers (rotary tables, cached Gram inverses) are not activations.
+    counter = SavedTensorCounter(exclude=base_params + list(model.parameters()) + list(model.buffers()))
+    del base_params
+    with counter:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    del loss
+    row["saved_activation_bytes"] = counter.bytes
+    row["saved_activation_mib"] = counter.bytes / 2**20
+    for _ in range(cfg.warmup - 1):
+        _train_step(model, opt, ids)
+    _sync(device)
+    times, loss = [], None
+    for _ in range(cfg.steps):
+        t0 = time.perf_counter()
+        loss = _train_step(model, opt, ids)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    row["step_ms"] = step_s * 1e3
+    row["tokens_per_s"] = batch * cfg.seq / step_s
+    lv = float(loss.detach().float()) if loss is not None else None
+    row["loss"] = lv if lv is not None and math.isfinite(lv) else None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        row["peak_mem_bytes"] = int(peak)
+        row["peak_mem_gib"] = peak / 2**30
+
+
 def run_one(method: str, cfg: E2EConfig, batch: int, grad_ckpt: bool, dropout: float | None, device) -> dict:
-    """One method at one batch size: tokens/s (median step), peak memory, saved activations."""
+    """One method at one batch size: tokens/s (median step), peak memory of the steps, saved
+    activations. status is "ok", "OOM" or "error: ..."; the numbers are None unless ok."""
     device = torch.device(device)
     row = {"method": method, "label": METHOD_LABELS[method], "batch": batch, "seq": cfg.seq,
            "grad_ckpt": grad_ckpt, "lora_dropout": dropout, "status": "ok", "tokens_per_s": None,
            "step_ms": None, "peak_mem_bytes": None, "peak_mem_gib": None, "saved_activation_bytes": None,
            "saved_activation_mib": None, "trainable_params": None, "loss": None}
-    model = opt = ids = None
     err = None
-    try:
-        if cfg.simulate_oom is not None and cfg.simulate_oom(method, batch):
-            raise torch.OutOfMemoryError("simulated out of memory")
-        model = build_model(cfg.model_config(), DTYPES[cfg.dtype], device, seed=cfg.seed)
-        if grad_ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        params_for_exclusion = list(model.parameters())
-        model, opt, n_train = prepare(method, model, cfg, dropout or 0.0, device)
-        row["trainable_params"] = int(n_train)
-        g = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
-        vocab = cfg.model_config()["vocab_size"]
-        ids = torch.randint(0, vocab, (batch, cfg.seq), generator=g).to(device)
-        if device.type == "cuda":
-            gc.collect()
-            torch.cuda.reset_peak_memory_stats(device)
-        # Warm-up; the first step also counts what autograd saves (unique storages, parameters excluded).
-        excl = params_for_exclusion + list(model.parameters())
-        for i in range(max(1, cfg.warmup)):
-            if i == 0:
-                with SavedTensorCounter(exclude=excl) as counter:
-                    loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                row["saved_activation_bytes"] = counter.bytes
-                row["saved_activation_mib"] = counter.bytes / 2**20
-                del counter, loss
-            else:
-                _train_step(model, opt, ids)
-        del excl, params_for_exclusion
-        _sync(device)
-        times = []
-        loss = None
-        for _ in range(cfg.steps):
-            t0 = time.perf_counter()
-            loss = _train_step(model, opt, ids)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        step_s = statistics.median(times)
-        row["step_ms"] = step_s * 1e3
-        row["tokens_per_s"] = batch * cfg.seq / step_s
-        lv = float(loss.detach().float()) if loss is not None else None
-        row["loss"] = lv if lv is not None and math.isfinite(lv) else None
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device)
-            row["peak_mem_bytes"] = int(peak)
-            row["peak_mem_gib"] = peak / 2**30
-    except Exception as e:  # noqa: BLE001 - an OOM (or a failure) in one method must not end the run
-        err = "OOM" if _is_oom(e) else "error: " + _why(e)
+    with warnings.catch_warnings():
+        # transformers/peft deprecation chatter is not a result
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            _measure(method, cfg, batch, grad_ckpt, dropout, device, row)
+        except Exception as e:  # noqa: BLE001 - an OOM (or a failure) in one method must not end the run
+            err = "OOM" if _is_oom(e) else "error: " + _why(e)
+    # the traceback (and with it _measure's frame, model and optimizer) is gone here
     if err is not None:
         row["status"] = err
         for k in ("tokens_per_s", "step_ms", "peak_mem_bytes", "peak_mem_gib", "saved_activation_bytes",
                   "saved_activation_mib", "loss"):
             row[k] = None
-    model = opt = ids = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -308,21 +338,24 @@ def run_e2e(cfg: E2EConfig, device, bar=None, notes: list | None = None) -> dict
         for p in cfg.dropouts:
             at = {m: run(m, cfg.batch, ckpt, p) for m in order}
             bar.update(1)
-            if all(r["status"] == "ok" for r in at.values()):
+            failed = [m for m, r in at.items() if r["status"] not in ("ok", "OOM")]
+            if failed:
+                notes.append(f"e2e grad_ckpt={ckpt} dropout={p}: {', '.join(failed)} failed (not OOM): "
+                             f"{at[failed[0]]['status']}")
+            if not any(r["status"] == "OOM" for r in at.values()):
                 comparisons.append(_compare(at, device, cfg.batch, cfg.batch, ckpt, p))
                 continue
-            if any(r["status"] != "ok" and r["status"] != "OOM" for r in at.values()):
-                notes.append(f"e2e grad_ckpt={ckpt} dropout={p}: a method failed (not OOM); see rows")
-            b = cfg.batch
-            fit = None
+            # Something ran out of memory: halve the batch until every method that can run fits.
+            b, fit = cfg.batch, None
+            runnable = [m for m in order if m not in failed]
             while b > 1 and fit is None:
                 b //= 2
                 trial = {}
-                for m in order:
+                for m in runnable:
                     trial[m] = run(m, b, ckpt, p)
-                    if trial[m]["status"] != "ok":
+                    if trial[m]["status"] == "OOM":
                         break
-                if len(trial) == len(order) and all(r["status"] == "ok" for r in trial.values()):
+                if len(trial) == len(runnable) and not any(r["status"] == "OOM" for r in trial.values()):
                     fit = trial
             if fit is not None:
                 comparisons.append(_compare(fit, device, b, cfg.batch, ckpt, p))

@@ -71,7 +71,7 @@ def layer_memory(case: Case, variant: str, device, seed: int = 0) -> dict:
     what was allocated before it. Returns a row dict."""
     device = torch.device(device)
     sets = make_sets(case, device, 1, seed=seed)
-    step = build_step(variant, case, sets)
+    step = build_step(variant, case, sets, dynamic=None)  # compiled variants: one graph over every N
     s = sets[0]
     step.run(0)  # warm-up (compiles torch.compile'd variants, initialises cuBLAS workspaces)
     _sync(device)
@@ -108,8 +108,6 @@ def run_memory(cases: Sequence[Case], variants: Sequence[str], device, bar=None,
         vs = list(variants)
         if compile_for is not None and not compile_for(case):
             vs = [v for v in vs if not VARIANTS[v].compiled]
-        if any(VARIANTS[v].compiled for v in vs):
-            torch._dynamo.reset()
         for v in vs:
             err = None
             try:

@@ -1,0 +1,23 @@
+#!/usr/bin/env python3
+"""End-to-end training step of a Llama-architecture model (transformers config, random weights).
+
+On a GPU (default): Llama-2-7B shapes, bf16, batch 8 x seq 1024, gradient checkpointing off and on,
+lora_dropout 0 and 0.05, LoRA r = 16, alpha = 32 on every linear layer. On the CPU: a tiny config.
+Methods: full fine-tuning, PEFT LoRA, PEFT LoRA-FA (create_lorafa_optimizer), lorafa_ext. Reports
+tokens/s and peak memory of a step (forward, backward, optimizer); a method that runs out of memory
+is reported as OOM and the comparison is repeated at the largest batch that fits every method.
+Goals on a GPU: peak memory >= 1.4x lower than PEFT LoRA, tokens/s >= 1.3x PEFT LoRA.
+
+    python benchmarks/bench_e2e.py [--e2e-model llama2-7b|tiny|micro] [--e2e-batch 8] [--e2e-seq 1024]
+                                   [--grad-ckpt off|on|both] [--lora-dropouts 0,0.05] [--out DIR]
+
+Writes DIR/results.json, DIR/results.md and DIR/e2e.png.
+"""
+import sys
+
+import _common  # noqa: F401
+
+from lorafa_ext.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main(defaults=["--suites", "e2e", "--out", "bench_out/e2e"], prog="benchmarks/bench_e2e.py"))

@@ -1,0 +1,289 @@
+"""The benchmarks run on the CPU at tiny sizes and write well-formed outputs.
+
+Checked: result fields and units, no NaN/inf anywhere, tables and plots written, the headline-ratio
+API, the OOM fallback of the end-to-end comparison, and the saved-tensor counter. Timings are never
+asserted. PEFT parts are skipped when peft is not installed, plots when matplotlib is not, the
+end-to-end suite when transformers is not.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from lorafa_ext import bench  # noqa: E402
+from lorafa_ext._bench import e2e as e2e_mod  # noqa: E402
+from lorafa_ext._bench.memory import SavedTensorCounter  # noqa: E402
+from lorafa_ext._bench.report import sanitize, write_json  # noqa: E402
+from lorafa_ext._bench.timing import Step, TimingConfig, measure  # noqa: E402
+from lorafa_ext._bench.variants import VARIANTS, Case  # noqa: E402
+
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+needs_peft = pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
+
+PASS_FIELDS = [f"{p}_{u}" for p in ("fwd", "bwd", "fwdbwd") for u in ("us", "tflop_per_s", "gb_per_s")]
+TINY_TIMING = TimingConfig(warmup=1, reps=3, max_reps=3, min_time_s=0.0, max_time_s=5.0)
+
+
+def _strict_load(path):
+    """json.load that fails on NaN / Infinity."""
+    def bad(c):
+        raise AssertionError(f"{path}: non-finite constant {c} in JSON")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=bad)
+
+
+def _walk_numbers(obj, path=""):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk_numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _walk_numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = bench.build_parser().parse_args(["--preset", "quick", "--device", "cpu", "--out", str(out),
+                                            "--no-progress"])
+    results = bench.run(args)
+    return out, results
+
+
+def test_outputs_written(quick_run):
+    out, results = quick_run
+    assert (out / "results.json").is_file()
+    assert (out / "results.md").is_file()
+    data = _strict_load(out / "results.json")
+    assert set(data) >= {"meta", "micro", "memory", "notes", "plots"}
+    assert data["meta"]["device"] == "cpu"
+    assert data["meta"]["units"]["*_us"].startswith("microseconds")
+    for path, v in _walk_numbers(data):
+        assert math.isfinite(v), path
+    if HAS_MPL:
+        assert data["plots"], "no plots written"
+        for name in data["plots"]:
+            assert name.endswith(".png")
+            with open(out / name, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+        names = " ".join(data["plots"])
+        assert "speedup_vs_n" in names and "saved_memory_vs_seqlen" in names
+        if HAS_TRANSFORMERS:
+            assert "e2e.png" in data["plots"]
+
+
+def test_micro_fields(quick_run):
+    out, _ = quick_run
+    data = _strict_load(out / "results.json")
+    cases = data["micro"]["cases"]
+    assert cases
+    seen = {r["variant"] for r in cases}
+    assert {"cublas", "lorafa", "lorafa_dropout", "lorafa_correction"} <= seen
+    if HAS_PEFT:
+        assert {"peft_lora", "peft_lorafa"} <= seen
+    else:
+        assert not seen & {"peft_lora", "peft_lorafa"}
+        assert any("peft" in n for n in data["notes"])
+    for r in cases:
+        for k in ("case", "N", "in_features", "out_features", "r", "dtype", "variant", "samples", *PASS_FIELDS):
+            assert k in r, k
+        for k in PASS_FIELDS:
+            assert isinstance(r[k], float) and r[k] > 0, (r["variant"], k, r[k])
+        assert r["samples"] >= 1
+        assert r["dtype"] == "fp32"
+        if r["variant"] != "cublas":
+            assert r["fwdbwd_vs_cublas"] > 0
+    head = data["micro"]["headline"]
+    assert set(head) == {"shape", *bench.HEADLINE_KEYS}
+    for k in ("fwd_vs_cublas", "fwdbwd_vs_frozen", "fwdbwd_dropout_vs_frozen"):
+        assert head[k] > 0
+    if HAS_PEFT:
+        assert head["speedup_vs_peft"] > 0
+    assert head["speedup_vs_peft_compiled"] is None  # no torch.compile on the CPU by default
+
+
+def test_memory_fields(quick_run):
+    out, _ = quick_run
+    data = _strict_load(out / "results.json")
+    rows = data["memory"]["cases"]
+    assert rows
+    by = {}
+    for r in rows:
+        assert isinstance(r["saved_bytes"], int) and r["saved_bytes"] >= 0
+        assert r["saved_mib"] == pytest.approx(r["saved_bytes"] / 2**20)
+        assert r["peak_fwdbwd_bytes"] is None  # CUDA only
+        by.setdefault(r["N"], {})[r["variant"]] = r
+    for n, v in by.items():
+        assert v["cublas"]["saved_bytes"] == 0  # W frozen: F.linear saves no activation
+        # our layer saves z (N x r) and small things (a seed): less than x
+        x_bytes = n * v["lorafa"]["in_features"] * 4
+        assert 0 < v["lorafa"]["saved_bytes"] < x_bytes
+        if HAS_PEFT:
+            assert v["peft_lora"]["saved_bytes"] >= x_bytes  # PEFT keeps x for A's gradient
+            assert v["lorafa"]["saved_bytes"] < v["peft_lora"]["saved_bytes"]
+
+
+@needs_transformers
+def test_e2e_fields(quick_run):
+    out, _ = quick_run
+    data = _strict_load(out / "results.json")
+    e2e = data["e2e"]
+    methods = {r["method"] for r in e2e["rows"]}
+    assert {"full", "lorafa"} <= methods
+    if HAS_PEFT:
+        assert {"peft_lora", "peft_lorafa"} <= methods
+    for r in e2e["rows"]:
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0
+        assert r["trainable_params"] > 0
+        assert r["saved_activation_bytes"] > 0
+        assert r["peak_mem_bytes"] is None  # CUDA only
+    assert e2e["comparisons"]
+    c = e2e["comparisons"][0]
+    assert c["goal_mem_met"] is None and c["goal_tokens_met"] is None  # goals are judged on a GPU only
+    lora = {r["method"]: r for r in e2e["rows"]}
+    assert lora["lorafa"]["trainable_params"] < lora["full"]["trainable_params"]
+
+
+def test_markdown_tables(quick_run):
+    out, _ = quick_run
+    md = (out / "results.md").read_text()
+    for text in ("fwd+bwd (us)", "TFLOP/s", "GB/s", "saved activations (MiB)", "| fwd_vs_cublas |"):
+        assert text in md, text
+    if HAS_TRANSFORMERS:
+        assert "tokens/s" in md and "peak memory (GiB)" in md
+    assert "nan" not in md.lower().replace("nanos", "")
+
+
+def test_headline_ratios_api():
+    variants = ["cublas", "lorafa", "lorafa_dropout"] + (["peft_lora"] if HAS_PEFT else [])
+    head, rows = bench.headline_ratios("cpu", case=Case(64, 32, 48, 4, "fp32", True), variants=variants,
+                                       timing=TINY_TIMING)
+    assert set(head) == {"shape", *bench.HEADLINE_KEYS}
+    assert head["fwdbwd_vs_frozen"] > 0 and head["fwdbwd_dropout_vs_frozen"] > 0
+    assert head["speedup_vs_peft_compiled"] is None
+    assert (head["speedup_vs_peft"] is not None) == HAS_PEFT
+    assert {r["variant"] for r in rows} == set(variants)
+    for r in rows:
+        us = [k for k in r if k.endswith("_us")]
+        assert {"fwd_us", "bwd_us", "fwdbwd_us"} <= set(us)
+        assert all(math.isfinite(r[k]) and r[k] >= 0 for k in us)
+
+
+@needs_peft
+def test_compiled_peft_variant_runs():
+    """The torch.compile'd PEFT variant (compiled once, shared by the rotated tensor sets)."""
+    head, rows = bench.headline_ratios("cpu", case=Case(32, 16, 24, 4, "fp32", True),
+                                       variants=["cublas", "lorafa", "peft_lora_compiled"], timing=TINY_TIMING)
+    assert {r["variant"] for r in rows} == {"cublas", "lorafa", "peft_lora_compiled"}
+    assert head["speedup_vs_peft_compiled"] > 0
+    assert head["speedup_vs_peft"] is None
+
+
+def test_measure_drops_failing_variant():
+    x = torch.randn(8, 4, requires_grad=True)
+    w = torch.randn(3, 4)
+
+    def boom(k):
+        raise RuntimeError("broken variant")
+
+    steps = {"ok": Step(lambda k: x @ w.T, lambda k: [x], lambda k: torch.ones(8, 3)),
+             "bad": Step(boom, lambda k: [x], lambda k: torch.ones(8, 3))}
+    samples, failures = measure(steps, torch.device("cpu"), TINY_TIMING)
+    assert "bad" in failures and "broken variant" in failures["bad"]
+    assert len(samples["ok"]) == 3 and "bad" not in samples
+
+
+def test_saved_counter_unique_storages():
+    w = torch.randn(16, 16, requires_grad=True)
+    x = torch.randn(4, 16, requires_grad=True)
+    with SavedTensorCounter(exclude=[w]) as c:
+        y = (x * x).sum() + (x[:2] * 2).sum() + (x @ w).sum()  # x saved three times, w excluded
+    assert c.bytes == x.untyped_storage().nbytes()
+    assert c.count >= 3
+    del y
+
+
+def test_sanitize_json(tmp_path):
+    bad = write_json(str(tmp_path / "r.json"), {"a": float("nan"), "b": [1.0, float("inf")], "c": "x"})
+    assert sorted(bad) == [".a", ".b[1]"]
+    assert _strict_load(tmp_path / "r.json") == {"a": None, "b": [1.0, None], "c": "x"}
+    assert sanitize({"d": torch.bfloat16}) == {"d": "bfloat16"}
+
+
+@needs_transformers
+def test_e2e_oom_is_reported_and_batch_reduced(tmp_path):
+    cfg = e2e_mod.E2EConfig(model="micro", dtype="fp32", batch=4, seq=8, steps=1, warmup=1, grad_ckpt=(False,),
+                            dropouts=(0.0,), methods=("full", "lorafa"),
+                            simulate_oom=lambda method, batch: method == "full" and batch > 1)
+    notes = []
+    res = e2e_mod.run_e2e(cfg, torch.device("cpu"), notes=notes)
+    status = {(r["method"], r["batch"]): r["status"] for r in res["rows"]}
+    assert status[("full", 4)] == "OOM" and status[("full", 2)] == "OOM"
+    assert status[("lorafa", 4)] == "ok"
+    assert status[("full", 1)] == "ok" and status[("lorafa", 1)] == "ok"
+    oom = [r for r in res["rows"] if r["status"] == "OOM"]
+    assert all(r["tokens_per_s"] is None for r in oom)
+    (c,) = res["comparisons"]
+    assert c["batch"] == 1 and c["requested_batch"] == 4
+    assert c["tokens_per_s"]["full"] > 0 and c["tokens_per_s"]["lorafa"] > 0
+    if HAS_MPL:
+        from lorafa_ext._bench.report import plot_e2e
+
+        path = plot_e2e(sanitize(res), str(tmp_path / "e2e.png"), "test CPU")
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_help():
+    text = bench.build_parser().format_help()
+    for opt in ("--out", "--n", "--shapes", "--ranks", "--dtypes", "--variants", "--suites", "--compile",
+                "--e2e-model", "--seq-lens"):
+        assert opt in text
+    for v in VARIANTS:
+        assert v in text
+
+
+def test_scripts_help():
+    """Every script in benchmarks/ parses --help (one interpreter for all four: importing torch is slow)."""
+    code = (
+        "import runpy, sys\n"
+        "bad = []\n"
+        "for s in sys.argv[1:]:\n"
+        "    sys.argv = [s, '--help']\n"
+        "    sys.path.insert(0, __import__('os').path.dirname(s))\n"
+        "    try:\n"
+        "        runpy.run_path(s, run_name='__main__')\n"
+        "        bad.append((s, 'no exit'))\n"
+        "    except SystemExit as e:\n"
+        "        if e.code not in (0, None):\n"
+        "            bad.append((s, e.code))\n"
+        "print('BAD', bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    scripts = [os.path.join(ROOT, "benchmarks", s) for s in ("bench_ops.py", "bench_cpu.py", "bench_memory.py",
+                                                             "bench_e2e.py")]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", code, *scripts], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+    assert p.stdout.count("usage:") == 4
