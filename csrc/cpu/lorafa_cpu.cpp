@@ -81,15 +81,27 @@ __attribute__((target("avx2"))) void keep_bytes_avx2(uint64_t seed, uint32_t thr
 void keep_bytes(uint64_t seed, uint32_t threshold, uint64_t c_begin, int64_t count, uint8_t* keep) {
 #ifdef LORAFA_AVX2_PHILOX
   static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2 && c_begin % 8 == 0) {
-    const int64_t vec = count - count % 8;
-    keep_bytes_avx2(seed, threshold, c_begin, vec, keep);
-    keep_bytes_scalar(seed, threshold, c_begin + static_cast<uint64_t>(vec), count - vec,
-                      keep + 4 * vec);
+  if (has_avx2) {
+    // Scalar up to a multiple of 8 counters, AVX2 for whole groups of 8, scalar for the tail.
+    const int64_t head = std::min<int64_t>(count, (8 - static_cast<int64_t>(c_begin % 8)) % 8);
+    const int64_t vec = (count - head) / 8 * 8;
+    keep_bytes_scalar(seed, threshold, c_begin, head, keep);
+    keep_bytes_avx2(seed, threshold, c_begin + head, vec, keep + 4 * head);
+    keep_bytes_scalar(seed, threshold, c_begin + head + vec, count - head - vec,
+                      keep + 4 * (head + vec));
     return;
   }
 #endif
   keep_bytes_scalar(seed, threshold, c_begin, count, keep);
+}
+
+// Keep-bits of elements [e0, e1) of the flattened input: returns keep with keep[i] for element e0 + i.
+const uint8_t* keep_range(uint64_t seed, uint32_t threshold, int64_t e0, int64_t e1,
+                          std::vector<uint8_t>& buffer) {
+  const int64_t c0 = e0 >> 2, c1 = (e1 + 3) >> 2;
+  buffer.resize(static_cast<size_t>(4 * (c1 - c0)));
+  keep_bytes(seed, threshold, static_cast<uint64_t>(c0), c1 - c0, buffer.data());
+  return buffer.data() + (e0 & 3);
 }
 
 // Calls f(e0, e1, keep) over spans [e0, e1) covering every element e < numel of a contiguous tensor,
@@ -112,39 +124,70 @@ uint64_t seed_value(const std::optional<at::Tensor>& seed) {
   return static_cast<uint64_t>(seed->item<int64_t>());
 }
 
-// drop(src) (kept elements scaled by 1/(1-p)) as a new contiguous tensor.
-at::Tensor dropped(const at::Tensor& src_in, uint64_t seed, double p) {
-  const at::Tensor src = src_in.contiguous();
-  at::Tensor dst = at::empty_like(src);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "lorafa_drop", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
-    const scalar_t* in = src.const_data_ptr<scalar_t>();
-    scalar_t* out = dst.mutable_data_ptr<scalar_t>();
-    parallel_keep(src.numel(), seed, dropout_threshold(p), [&](int64_t e0, int64_t e1, const uint8_t* keep) {
-      for (int64_t e = e0; e < e1; ++e) {
-        out[e] = static_cast<scalar_t>(static_cast<acc_t>(in[e]) * (keep[e - e0] ? scale : acc_t(0)));
-      }
-    });
+constexpr int64_t kRowBlock = 64;  // rows of x (or dx) a block: the block's temporaries stay in cache
+
+// Calls f(b, e) for blocks [b, e) of at most kRowBlock rows, in parallel.
+template <typename F>
+void parallel_row_blocks(int64_t rows, const F& f) {
+  at::parallel_for(0, (rows + kRowBlock - 1) / kRowBlock, 1, [&](int64_t blk_b, int64_t blk_e) {
+    for (int64_t blk = blk_b; blk < blk_e; ++blk) {
+      f(blk * kRowBlock, std::min(rows, (blk + 1) * kRowBlock));
+    }
   });
-  return dst;
 }
 
-// dst += alpha * keep * src, element-wise over contiguous tensors of the same shape (dst may have a
-// lower-precision dtype than src). p = 0 keeps every element.
-void add_dropped(at::Tensor& dst, const at::Tensor& src, double alpha, uint64_t seed, double p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "lorafa_add", [&] {
-    using dst_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "lorafa_add_src", [&] {
+// z = drop(x2) @ a_t with z (rows, r) contiguous in z's dtype, a_t (in, r). Row block by row block:
+// the dropped (and dtype-converted) block of x lives only in a cache-sized temporary.
+void project_dropped(const at::Tensor& x2, const at::Tensor& a_t, at::Tensor& z, uint64_t seed,
+                     double p) {
+  const int64_t rows = x2.size(0), in = x2.size(1);
+  const uint32_t threshold = dropout_threshold(p);
+  parallel_row_blocks(rows, [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> buffer;
+    const uint8_t* keep = p > 0.0 ? keep_range(seed, threshold, b * in, e * in, buffer) : nullptr;
+    const at::Tensor src = x2.slice(0, b, e).contiguous();
+    at::Tensor dst = at::empty({e - b, in}, z.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "lorafa_drop", [&] {
       using src_t = scalar_t;
-      using acc_t = std::conditional_t<std::is_same_v<src_t, double>, double, float>;
-      const acc_t a = static_cast<acc_t>(alpha);
-      const src_t* in = src.const_data_ptr<src_t>();
-      dst_t* out = dst.mutable_data_ptr<dst_t>();
-      parallel_keep(dst.numel(), seed, dropout_threshold(p), [&](int64_t e0, int64_t e1, const uint8_t* keep) {
-        for (int64_t e = e0; e < e1; ++e) {
-          const acc_t v = keep[e - e0] ? a * static_cast<acc_t>(in[e]) : acc_t(0);
-          out[e] = static_cast<dst_t>(static_cast<acc_t>(out[e]) + v);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "lorafa_drop_z", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
+        const src_t* in_p = src.const_data_ptr<src_t>();
+        scalar_t* out_p = dst.mutable_data_ptr<scalar_t>();
+        const int64_t n = (e - b) * in;
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t m = keep == nullptr ? acc_t(1) : keep[i] ? scale : acc_t(0);
+          out_p[i] = static_cast<scalar_t>(static_cast<acc_t>(in_p[i]) * m);
+        }
+      });
+    });
+    at::Tensor z_blk = z.slice(0, b, e);
+    at::mm_out(z_blk, dst, a_t);
+  });
+}
+
+// dst2 (rows, C) contiguous += alpha * keep * (left @ right) with left (rows, r), right (r, C), where
+// the product may have a higher precision than dst2; p = 0 keeps every element. Row block by row
+// block, so the N x C product never exists in full.
+void add_lowrank(at::Tensor& dst2, const at::Tensor& left, const at::Tensor& right, double alpha,
+                 uint64_t seed, double p) {
+  const int64_t rows = dst2.size(0), cols = dst2.size(1);
+  const uint32_t threshold = dropout_threshold(p);
+  parallel_row_blocks(rows, [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> buffer;
+    const uint8_t* keep = p > 0.0 ? keep_range(seed, threshold, b * cols, e * cols, buffer) : nullptr;
+    const at::Tensor u = at::mm(left.slice(0, b, e), right);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst2.scalar_type(), "lorafa_add", [&] {
+      using dst_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "lorafa_add_u", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        const acc_t a = static_cast<acc_t>(alpha);
+        const scalar_t* u_p = u.const_data_ptr<scalar_t>();
+        dst_t* out_p = dst2.mutable_data_ptr<dst_t>() + b * cols;
+        const int64_t n = (e - b) * cols;
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t m = keep == nullptr ? a : keep[i] ? a : acc_t(0);
+          out_p[i] = static_cast<dst_t>(static_cast<acc_t>(out_p[i]) + m * static_cast<acc_t>(u_p[i]));
         }
       });
     });
@@ -182,13 +225,17 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
   } else {
     at::mm_out(y2, x2, weight.t());
   }
-  at::Tensor xz = x2.to(zdt);
-  if (dropout_p > 0.0) xz = dropped(xz, seed_value(seed), dropout_p);
-  const at::Tensor z = at::mm(xz, lora_a.to(zdt).t());
+  at::Tensor z = at::empty({rows, lora_a.size(0)}, x.options().dtype(zdt));
+  if (dropout_p == 0.0 && zdt == x.scalar_type()) {
+    at::mm_out(z, x2, lora_a.t());
+  } else {
+    const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
+    project_dropped(x2, lora_a.to(zdt).t(), z, s, dropout_p);
+  }
   if (zdt == x.scalar_type()) {
     y2.addmm_(z, lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
   } else {
-    add_dropped(y2, at::mm(z, lora_b.to(zdt).t()), scaling, 0, 0.0);
+    add_lowrank(y2, z, lora_b.to(zdt).t(), scaling, 0, 0.0);
   }
   return {y, z};
 }
@@ -214,7 +261,7 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at
       dx2.addmm_(t, lora_a, /*beta=*/1.0, /*alpha=*/scaling);
     } else {
       const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
-      add_dropped(dx2, at::mm(t, lora_a.to(zdt)), scaling / (1.0 - dropout_p), s, dropout_p);
+      add_lowrank(dx2, t, lora_a.to(zdt), scaling / (1.0 - dropout_p), s, dropout_p);
     }
   }
   if (output_mask[1]) {

@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
 // One block; Gauss-Jordan sweeps with the pivot row and column staged in shared memory.
 template <typename G>
 __global__ void gram_invert_kernel(G* __restrict__ m, int64_t r, double eps) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   G* rowk = reinterpret_cast<G*>(smem_raw);
   G* colk = rowk + r;
   __shared__ G delta;

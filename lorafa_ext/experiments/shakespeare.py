@@ -131,7 +131,9 @@ _BOILERPLATE_LINE = re.compile(r"gutenberg|etext|e-text|ebook|copyright|world li
 _FIRST_ACT = re.compile(r"^\s*ACT\s+(I|1|FIRST|ONE)\b", re.M | re.I)
 _HEADING = re.compile(r"^\s*(ACT|SCENE|PROLOGUE|EPILOGUE|INDUCTION|THE END)\b", re.I)
 _DIRECTION_LINE = re.compile(r"^\s*(Enter|Exit|Exeunt|Re-enter|Manet|Manent|Flourish|Alarum|Sennet)\b")
-_BRACKETS = re.compile(r"\[[^\]]*\]")
+# A stage direction: from "[" to the first "]" (or "}", a typo in some files), never across a blank
+# line: an unclosed "[" ends with its paragraph.
+_BRACKETS = re.compile(r"\[(?:[^\]\}\n]|\n(?![ \t]*\n))*(?:[\]\}]|(?=\n[ \t]*\n)|\Z)")
 # A speaker tag alone on a line after a blank: "Ham.", "FIRST CITIZEN.", "Alb. and Corn.", "1 Clown.",
 # "2. CAR.", or an upper-case name without the period ("HERMIA", "BUCKINGHAM").
 _SPEAKER = re.compile(r"^(\d\.?\s*)?[A-Z][A-Za-z0-9'\-\. ,&]{0,45}\.$|^(\d\.?\s*)?[A-Z][A-Z0-9'\- ,&\.]{0,45}$")
@@ -159,7 +161,7 @@ def clean_play(text: str) -> str:
     m = _FIRST_ACT.search(text)
     if m:
         text = text[m.start():]
-    text = _BRACKETS.sub("", text)
+    text = _BRACKETS.sub("", text).replace("]", "")
     out: List[str] = []
     prev_blank = True
     for raw in text.splitlines():
