@@ -95,8 +95,7 @@ def linear_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed
 def linear_backward(grad_y, z, weight, lora_a, lora_b, scaling, dropout_p, seed, output_mask):
     _checks.check_backward("lorafa.linear_backward", grad_y, z, weight, lora_a, lora_b, scaling, dropout_p, seed)
     out, n_in = weight.shape
-    empty = grad_y.new_empty(0)
-    dx, d_b, d_bias = empty, lora_b.new_empty(0), empty
+    dx, d_b, d_bias = grad_y.new_empty(0), lora_b.new_empty(0), grad_y.new_empty(0)
     with _no_autocast(grad_y.device):
         rows = math.prod(grad_y.shape[:-1])
         dy = grad_y.reshape(rows, out)
