@@ -10,9 +10,12 @@
 
 #if defined(__CUDACC__)
 #define LORAFA_HD __host__ __device__ __forceinline__
-#define LORAFA_UNROLL _Pragma("unroll")
 #else
 #define LORAFA_HD inline
+#endif
+#if defined(__CUDA_ARCH__)
+#define LORAFA_UNROLL _Pragma("unroll")
+#else
 #define LORAFA_UNROLL
 #endif
 

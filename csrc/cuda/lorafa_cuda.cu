@@ -1,11 +1,16 @@
 // CUDA kernels of the lorafa ops.
 //
-// The two large products (x W^T forward, dy W backward) go to cuBLAS on the current stream; the
-// low-rank work runs in hand-written kernels that fuse the dropout mask (Philox, regenerated from the
-// seed), the scaling and the bias:
+// The two large products (x W^T forward, dy W backward) go to cuBLAS on the current stream, with
+// beta = 1: they accumulate onto an output that `expand` has already filled with the bias and the
+// low-rank term, so the output is written once by expand and read back inside the GEMM's epilogue
+// (hidden under its compute) instead of making a separate read-modify-write pass. The low-rank work
+// runs in hand-written kernels that fuse the dropout mask (Philox, regenerated from the seed), the
+// scaling and the bias:
 //   project:  out[n, j] = alpha * sum_k drop(X)[n, k] * P(j, k)   (z = drop(x) A^T, t = dy B, A A^T, ...)
-//   expand:   Y[n, c]  += bias[c] + alpha * keep(n, c) * sum_j Z[n, j] * Q(c, j)   (y, dx epilogues)
-//   grad_b:   dB[o, j]  = alpha * sum_n dy[n, o] z[n, j], dbias[o] = sum_n dy[n, o]  (one read of dy)
+//             (cuBLAS instead for z and t when there is no dropout and the dtypes match)
+//   expand:   Y[n, c]   = bias[c] + alpha * keep(n, c) * sum_j Z[n, j] * Q(c, j)   (y, dx before the GEMM)
+//   grad_b:   dB[o, j]  = alpha * sum_n dy[n, o] z[n, j], dbias[o] = sum_n dy[n, o]  (one read of dy;
+//             split over rows, partials summed in a fixed order by a second kernel)
 //   invert:   (G + delta I)^-1 for an SPD r x r G in one block (Gauss-Jordan; SPD needs no pivoting)
 // Every reduction has a fixed order: results are bitwise repeatable, with no atomics and no host sync.
 #include <ATen/cuda/CUDAContext.h>
@@ -16,6 +21,7 @@
 #include <cublas_v2.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 #include <type_traits>
@@ -84,7 +90,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// y[n, c] += bias[c] + alpha * keep(n*C + c) * sum_j z[n, j] * Q(c, j), y contiguous (rows, C),
+// y[n, c] = bias[c] + alpha * keep(n*C + c) * sum_j z[n, j] * Q(c, j), y contiguous (rows, C),
 // z contiguous (rows, R), Q(c, j) = q[c*sq0 + j*sq1]. Block: 64 x 64 outputs, 16 a thread.
 template <typename YT, typename PT, bool DROP>
 __global__ void __launch_bounds__(kThreads)
@@ -135,38 +141,42 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (DROP) {
         if (!dropout_keep(s, static_cast<uint64_t>(n * C + c), threshold)) v = 0;
       }
-      acc_t base = static_cast<acc_t>(y[n * C + c]);
-      if (bias != nullptr) base += static_cast<acc_t>(bias[c]);
-      y[n * C + c] = static_cast<YT>(base + v);
+      if (bias != nullptr) v += static_cast<acc_t>(bias[c]);
+      y[n * C + c] = static_cast<YT>(v);
     }
   }
 }
 
-// db[o, j] = alpha * sum_n dy[n, o] z[n, j] (db may be null) and dbias[o] = sum_n dy[n, o] (dbias may
-// be null), reading dy once. Block: 32 columns of dy x 32 ranks; it walks all rows in a fixed order.
+// Partial sums of dB = dy^T z and dbias = colsum(dy) over the rows of one split (blockIdx.z):
+// db_part[split][o][j] = sum_n dy[n, o] z[n, j] (db_part may be null), bias_part[split][o] =
+// sum_n dy[n, o] (bias_part may be null), reading dy once. Block: 32 columns of dy x 32 ranks.
 template <typename YT, typename PT>
 __global__ void __launch_bounds__(kThreads)
-    grad_b_kernel(const YT* __restrict__ dy, int64_t ldy, const PT* __restrict__ z,
-                  PT* __restrict__ db, YT* __restrict__ dbias, int64_t rows, int64_t out,
-                  int64_t R, acc_type<PT> alpha) {
+    grad_b_partial_kernel(const YT* __restrict__ dy, int64_t ldy, const PT* __restrict__ z,
+                          acc_type<PT>* __restrict__ db_part, acc_type<PT>* __restrict__ bias_part,
+                          int64_t rows, int64_t out, int64_t R, int64_t rows_per_split) {
   using acc_t = acc_type<PT>;
   __shared__ acc_t ys[kTile][kTile + 1];
   __shared__ acc_t zs[kTile][kTile + 1];
   const int tid = threadIdx.x, to = tid % kTile, tj = tid / kTile;
   const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const bool do_bias = dbias != nullptr && blockIdx.y == 0;
+  const int64_t split = blockIdx.z;
+  const int64_t n_begin = split * rows_per_split;
+  const int64_t n_end = min(rows, n_begin + rows_per_split);
+  const bool do_bias = bias_part != nullptr && blockIdx.y == 0;
   acc_t acc[4] = {0, 0, 0, 0};
   acc_t bsum = 0;
-  for (int64_t n0 = 0; n0 < rows; n0 += kTile) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
     for (int i = tid; i < kTile * kTile; i += kThreads) {
       const int rr = i / kTile, cc = i % kTile;
       const int64_t n = n0 + rr, o = o0 + cc, j = j0 + cc;
-      ys[rr][cc] = (n < rows && o < out) ? static_cast<acc_t>(dy[n * ldy + o]) : acc_t(0);
-      zs[rr][cc] = (db != nullptr && n < rows && j < R) ? static_cast<acc_t>(z[n * R + j]) : acc_t(0);
+      ys[rr][cc] = (n < n_end && o < out) ? static_cast<acc_t>(dy[n * ldy + o]) : acc_t(0);
+      zs[rr][cc] =
+          (db_part != nullptr && n < n_end && j < R) ? static_cast<acc_t>(z[n * R + j]) : acc_t(0);
     }
     __syncthreads();
-    if (db != nullptr) {
+    if (db_part != nullptr) {
 #pragma unroll 8
       for (int nn = 0; nn < kTile; ++nn) {
         const acc_t yv = ys[nn][to];
@@ -181,14 +191,39 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t o = o0 + to;
   if (o >= out) return;
-  if (db != nullptr) {
+  if (db_part != nullptr) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t j = j0 + tj + 8 * i;
-      if (j < R) db[o * R + j] = static_cast<PT>(acc[i] * alpha);
+      if (j < R) db_part[(split * out + o) * R + j] = acc[i];
     }
   }
-  if (do_bias && tj == 0) dbias[o] = static_cast<YT>(bsum);
+  if (do_bias && tj == 0) bias_part[split * out + o] = bsum;
+}
+
+// Sums the splits' partials in split order (deterministic): db = alpha * sum db_part, dbias = sum.
+template <typename YT, typename PT>
+__global__ void grad_b_reduce_kernel(const acc_type<PT>* __restrict__ db_part,
+                                     const acc_type<PT>* __restrict__ bias_part,
+                                     PT* __restrict__ db, YT* __restrict__ dbias, int64_t splits,
+                                     int64_t out, int64_t R, acc_type<PT> alpha) {
+  using acc_t = acc_type<PT>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (db != nullptr) {
+    for (int64_t idx = first; idx < out * R; idx += stride) {
+      acc_t sum = 0;
+      for (int64_t sp = 0; sp < splits; ++sp) sum += db_part[sp * out * R + idx];
+      db[idx] = static_cast<PT>(alpha * sum);
+    }
+  }
+  if (dbias != nullptr) {
+    for (int64_t idx = first; idx < out; idx += stride) {
+      acc_t sum = 0;
+      for (int64_t sp = 0; sp < splits; ++sp) sum += bias_part[sp * out + idx];
+      dbias[idx] = static_cast<YT>(sum);
+    }
+  }
 }
 
 // In place: m <- (m + delta I)^-1, delta = max(eps * trace(m) / r, FLT_MIN), for an SPD r x r m.
@@ -282,6 +317,38 @@ void launch_expand(YT* y, const YT* bias, const PT* z, const PT* q, int64_t sq0,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// dB = alpha dy^T z (db may be null) and dbias = colsum(dy) (dbias may be null). The rows are cut
+// into splits so that there are about two blocks per SM; each split writes partials to a workspace
+// and a second kernel adds them in a fixed order: bitwise repeatable, no atomics.
+template <typename YT, typename PT>
+void launch_grad_b(const YT* dy, int64_t ldy, const PT* z, PT* db, YT* dbias, int64_t rows,
+                   int64_t out, int64_t R, double alpha, const at::TensorOptions& z_options) {
+  using acc_t = acc_type<PT>;
+  const int64_t blocks_xy = ceil_div(out, kTile) * (db != nullptr ? ceil_div(R, kTile) : 1);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = std::max<int64_t>(1, ceil_div(2 * sms, blocks_xy));
+  const int64_t splits_max = std::max<int64_t>(1, rows / (4 * kTile));  // >= 128 rows a split
+  const int64_t rows_per_split =
+      std::max<int64_t>(kTile, ceil_div(ceil_div(rows, std::min(want, splits_max)), kTile) * kTile);
+  const int64_t splits = std::max<int64_t>(1, ceil_div(rows, rows_per_split));
+  const dim3 grid(ceil_div(out, kTile), db != nullptr ? ceil_div(R, kTile) : 1, splits);
+  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "lorafa.linear_backward: launch too large");
+  const auto acc_options = z_options.dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor db_part = at::empty({db != nullptr ? splits * out * R : 0}, acc_options);
+  at::Tensor bias_part = at::empty({dbias != nullptr ? splits * out : 0}, acc_options);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  grad_b_partial_kernel<YT, PT><<<grid, kThreads, 0, stream>>>(
+      dy, ldy, z, db != nullptr ? db_part.mutable_data_ptr<acc_t>() : nullptr,
+      dbias != nullptr ? bias_part.mutable_data_ptr<acc_t>() : nullptr, rows, out, R, rows_per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t work = db != nullptr ? out * R : out;
+  const int64_t blocks = std::min<int64_t>(ceil_div(work, kThreads), 4096);
+  grad_b_reduce_kernel<YT, PT><<<blocks, kThreads, 0, stream>>>(
+      db_part.const_data_ptr<acc_t>(), bias_part.const_data_ptr<acc_t>(), db, dbias, splits, out, R,
+      static_cast<acc_t>(alpha));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Calls f(XT{}, ZT{}) with XT the C++ type of x's dtype and ZT that of z's: x's or float.
 template <typename F>
 void dispatch_xz(at::ScalarType xt, at::ScalarType zt, const char* name, const F& f) {
@@ -298,17 +365,18 @@ void dispatch_xz(at::ScalarType xt, at::ScalarType zt, const char* name, const F
   });
 }
 
-// Row-major GEMM on cuBLAS and the current stream: C[m, n] = op(A)[m, k] @ op(B)[k, n], where A is
-// stored (m, k) row-major, or (k, m) when trans_a; likewise B. cuBLAS is column-major, so it computes
-// C^T = op(B)^T op(A)^T.
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const at::Tensor& a,
-          int64_t lda, const at::Tensor& b, int64_t ldb, at::Tensor& c, int64_t ldc) {
+// Row-major GEMM on cuBLAS and the current stream: C[m, n] = alpha op(A)[m, k] @ op(B)[k, n] + beta C,
+// where A is stored (m, k) row-major, or (k, m) when trans_a; likewise B. cuBLAS is column-major, so
+// it computes C^T = op(B)^T op(A)^T.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+          const at::Tensor& a, int64_t lda, const at::Tensor& b, int64_t ldb, double beta,
+          at::Tensor& c, int64_t ldc) {
   TORCH_CHECK(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX &&
                   ldc <= INT_MAX,
               "lorafa: matrix dimension exceeds cuBLAS's int range");
   if (m == 0 || n == 0) return;
   if (k == 0) {
-    c.zero_();
+    if (beta == 0.0) c.zero_();
     return;
   }
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
@@ -316,10 +384,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const at:
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   cudaDataType_t type;
   cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
-  const float one_f = 1.0f, zero_f = 0.0f;
-  const double one_d = 1.0, zero_d = 0.0;
-  const void* one = &one_f;
-  const void* zero = &zero_f;
+  const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+  const void* alpha_p = &alpha_f;
+  const void* beta_p = &beta_f;
   switch (c.scalar_type()) {
     case at::kFloat:
       type = CUDA_R_32F;
@@ -334,16 +401,16 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const at:
     case at::kDouble:
       type = CUDA_R_64F;
       compute = CUBLAS_COMPUTE_64F;
-      one = &one_d;
-      zero = &zero_d;
+      alpha_p = &alpha;
+      beta_p = &beta;
       break;
     default:
       TORCH_CHECK(false, "lorafa: unsupported GEMM dtype ", c.scalar_type());
   }
   TORCH_CUDABLAS_CHECK(cublasGemmEx(
-      handle, op_b, op_a, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), one,
+      handle, op_b, op_a, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), alpha_p,
       b.const_data_ptr(), type, static_cast<int>(ldb), a.const_data_ptr(), type,
-      static_cast<int>(lda), zero, c.mutable_data_ptr(), type, static_cast<int>(ldc), compute,
+      static_cast<int>(lda), beta_p, c.mutable_data_ptr(), type, static_cast<int>(ldc), compute,
       CUBLAS_GEMM_DEFAULT));
 }
 
@@ -386,17 +453,24 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor y2 = y.view({rows, out});
   at::Tensor z = at::empty({rows, r}, x.options().dtype(zdt));
   if (rows > 0) {
-    gemm(false, true, rows, out, in, x2, x2.stride(0), w, w.stride(0), y2, out);
+    // z = drop(x) A^T: cuBLAS when it is a plain product, else the project kernel (dropout, fp32 A).
+    const bool blas_z = dropout_p == 0.0 && zdt == x.scalar_type();
+    if (blas_z) gemm(false, true, rows, r, in, 1.0, x2, x2.stride(0), a, in, 0.0, z, r);
     dispatch_xz(x.scalar_type(), zdt, "lorafa.linear_forward", [&](auto xtag, auto ztag) {
       using XT = decltype(xtag);
       using ZT = decltype(ztag);
-      launch_project<XT, ZT>(x2.const_data_ptr<XT>(), x2.stride(0), x2.stride(1),
-                             a.const_data_ptr<ZT>(), in, 1, z.mutable_data_ptr<ZT>(), rows, r, in,
-                             1.0 / (1.0 - dropout_p), seed_ptr(seed, dropout_p), dropout_p);
+      if (!blas_z) {
+        launch_project<XT, ZT>(x2.const_data_ptr<XT>(), x2.stride(0), x2.stride(1),
+                               a.const_data_ptr<ZT>(), in, 1, z.mutable_data_ptr<ZT>(), rows, r,
+                               in, 1.0 / (1.0 - dropout_p), seed_ptr(seed, dropout_p), dropout_p);
+      }
+      // y = bias + s z B^T ...
       launch_expand<XT, ZT>(y2.mutable_data_ptr<XT>(), bc ? bc->const_data_ptr<XT>() : nullptr,
                             z.const_data_ptr<ZT>(), b.const_data_ptr<ZT>(), r, 1, rows, out, r,
                             scaling, nullptr, 0.0);
     });
+    // ... + x W^T.
+    gemm(false, true, rows, out, in, 1.0, x2, x2.stride(0), w, w.stride(0), 1.0, y2, out);
   }
   return {y, z};
 }
@@ -423,25 +497,28 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z_in, const
     using YT = decltype(ytag);
     using ZT = decltype(ztag);
     if (output_mask[0] && rows > 0) {
-      const at::Tensor w = weight.contiguous();
+      // t = s dy B: cuBLAS when the dtypes match, else the project kernel.
+      at::Tensor t = at::empty({rows, r}, z.options());
+      if (zdt == grad_y.scalar_type()) {
+        gemm(false, false, rows, r, out, scaling, dy, dy.stride(0), b, r, 0.0, t, r);
+      } else {
+        launch_project<YT, ZT>(dy.const_data_ptr<YT>(), dy.stride(0), 1, b.const_data_ptr<ZT>(), 1,
+                               r, t.mutable_data_ptr<ZT>(), rows, r, out, scaling, nullptr, 0.0);
+      }
+      // dx = drop'(t A) ...
       at::Tensor dx2 = dx.view({rows, in});
-      gemm(false, false, rows, in, out, dy, dy.stride(0), w, w.stride(0), dx2, in);
-      at::Tensor t = at::empty({rows, r}, z.options());  // s * dy B
-      launch_project<YT, ZT>(dy.const_data_ptr<YT>(), dy.stride(0), 1, b.const_data_ptr<ZT>(), 1,
-                             r, t.mutable_data_ptr<ZT>(), rows, r, out, scaling, nullptr, 0.0);
-      launch_expand<YT, ZT>(dx.mutable_data_ptr<YT>(), nullptr, t.const_data_ptr<ZT>(),
+      launch_expand<YT, ZT>(dx2.mutable_data_ptr<YT>(), nullptr, t.const_data_ptr<ZT>(),
                             a.const_data_ptr<ZT>(), 1, in, rows, in, r, 1.0 / (1.0 - dropout_p),
                             seed_ptr(seed, dropout_p), dropout_p);
+      // ... + dy W.
+      const at::Tensor w = weight.contiguous();
+      gemm(false, false, rows, in, out, 1.0, dy, dy.stride(0), w, w.stride(0), 1.0, dx2, in);
     }
     if ((output_mask[1] || output_mask[2]) && out > 0) {
-      const dim3 grid(ceil_div(out, kTile), output_mask[1] ? ceil_div(r, kTile) : 1);
-      TORCH_CHECK(grid.y <= 65535, "lorafa.linear_backward: rank too large for one launch");
-      grad_b_kernel<YT, ZT><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          dy.const_data_ptr<YT>(), dy.stride(0), z.const_data_ptr<ZT>(),
-          output_mask[1] ? db_z.mutable_data_ptr<ZT>() : nullptr,
-          output_mask[2] ? d_bias.mutable_data_ptr<YT>() : nullptr, rows, out, r,
-          static_cast<acc_type<ZT>>(scaling));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_grad_b<YT, ZT>(dy.const_data_ptr<YT>(), dy.stride(0), z.const_data_ptr<ZT>(),
+                            output_mask[1] ? db_z.mutable_data_ptr<ZT>() : nullptr,
+                            output_mask[2] ? d_bias.mutable_data_ptr<YT>() : nullptr, rows, out, r,
+                            scaling, z.options());
     }
   });
   if (output_mask[1]) d_b = db_z.to(lora_b.scalar_type());
