@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from .layers import LoRAFALinear, _GramCacheMixin, _is_plain_tensor
 from .model import (
     ALL_LINEAR,
-    _is_switched_peft_layer,
     _replace,
     _target_matches,
     _walk,

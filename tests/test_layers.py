@@ -6,7 +6,6 @@ import copy
 import math
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch

