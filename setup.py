@@ -91,9 +91,10 @@ def _cublas_link_args(lib_dirs):
 def extensions():
     debug = os.environ.get("LORAFA_DEBUG") == "1"
     host_flags = ["-O0", "-g"] if debug else ["-O3"]
-    host_flags += ["-Wall", "-Wextra", "-Wno-unused-parameter"]
+    # -fopenmp: at::parallel_for is a header template over OpenMP; without it the CPU loops run serially.
+    host_flags += ["-Wall", "-Wextra", "-Wno-unused-parameter", "-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    kwargs = dict(extra_compile_args={"cxx": host_flags}, py_limited_api=False)
+    kwargs = dict(extra_compile_args={"cxx": host_flags}, extra_link_args=["-fopenmp"], py_limited_api=False)
     if not WITH_CUDA:
         return [CppExtension("lorafa_ext._C", sources, **kwargs)]
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -105,7 +106,7 @@ def extensions():
     kwargs.update(
         include_dirs=[d for d in _nvidia_dirs("include") if os.path.exists(os.path.join(d, "cublas_v2.h"))],
         library_dirs=lib_dirs,
-        extra_link_args=_cublas_link_args(lib_dirs),
+        extra_link_args=["-fopenmp"] + _cublas_link_args(lib_dirs),
     )
     return [CUDAExtension("lorafa_ext._C", sources, **kwargs)]
 
