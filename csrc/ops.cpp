@@ -1,5 +1,5 @@
 // The lorafa op library: every schema, the composite entry point `linear`, and the CPU kernels.
-// CUDA kernels register in cuda/lorafa_cuda.cu; fake kernels and autograd in lorafa_ext/ops.py.
+// CUDA kernels register in cuda/lorafa_cuda.cu, autograd in autograd.cpp, fakes in lorafa_ext/ops.py.
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 

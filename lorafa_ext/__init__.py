@@ -37,7 +37,7 @@ def _load_backend() -> str:
 
 
 _KIND = _load_backend()
-ops.register_common()
+ops.register_common(python_autograd=_KIND == "python")
 
 
 def backend() -> str:

@@ -100,6 +100,8 @@ def test_dropout_mask_empty(device):
         (2**40 + 17, 5, 11, 0.9),
         (-7, 9, 3, 0.3),
         (2**63 - 1, 2, 33, 0.5),
+        (99, 3, 4099, 0.5),  # several parallel chunks, numel % 4 == 1
+        (5, 9, 1031, 0.2),  # numel % 4 == 3
     ],
 )
 def test_dropout_mask_matches_reference(device, seed, rows, cols, p):

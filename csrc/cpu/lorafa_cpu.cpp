@@ -17,7 +17,7 @@ namespace lorafa::cpu {
 
 namespace {
 
-constexpr int64_t kChunk = 1024;  // Philox counters per parallel work item (4 elements each)
+constexpr int64_t kChunk = 1024;  // grain of the parallel mask loop, in Philox counters (4 elements each)
 
 // keep[i] = keep-bit of element 4 * c_begin + i, for 4 * count elements: one Philox call a counter.
 void keep_bytes_scalar(uint64_t seed, uint32_t threshold, uint64_t c_begin, int64_t count,
@@ -102,22 +102,6 @@ const uint8_t* keep_range(uint64_t seed, uint32_t threshold, int64_t e0, int64_t
   buffer.resize(static_cast<size_t>(4 * (c1 - c0)));
   keep_bytes(seed, threshold, static_cast<uint64_t>(c0), c1 - c0, buffer.data());
   return buffer.data() + (e0 & 3);
-}
-
-// Calls f(e0, e1, keep) over spans [e0, e1) covering every element e < numel of a contiguous tensor,
-// in parallel, with keep[e - e0] the dropout keep-bit (0 or 1) of element e.
-template <typename F>
-void parallel_keep(int64_t numel, uint64_t seed, uint32_t threshold, const F& f) {
-  const int64_t counters = (numel + 3) / 4;
-  at::parallel_for(0, (counters + kChunk - 1) / kChunk, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    uint8_t keep[4 * kChunk];
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t c0 = chunk * kChunk, count = std::min(kChunk, counters - c0);
-      keep_bytes(seed, threshold, static_cast<uint64_t>(c0), count, keep);
-      const int64_t e0 = 4 * c0, e1 = std::min(numel, 4 * (c0 + count));
-      f(e0, e1, static_cast<const uint8_t*>(keep));
-    }
-  });
 }
 
 uint64_t seed_value(const std::optional<at::Tensor>& seed) {
@@ -298,11 +282,20 @@ at::Tensor correct_grad(const at::Tensor& grad_b, const at::Tensor& gram_inv, do
 at::Tensor dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
   check_mask("lorafa.dropout_mask", seed, rows, cols, p);
   at::Tensor mask = at::empty({rows, cols}, seed.options().dtype(at::kBool));
-  bool* out = mask.mutable_data_ptr<bool>();
-  parallel_keep(rows * cols, static_cast<uint64_t>(seed.item<int64_t>()), dropout_threshold(p),
-                [&](int64_t e0, int64_t e1, const uint8_t* keep) {
-                  for (int64_t e = e0; e < e1; ++e) out[e] = keep[e - e0] != 0;
-                });
+  // keep_bytes writes 0/1 bytes, a valid bool each: whole counters straight into the mask, in
+  // parallel, and the last numel % 4 elements through a 4-byte temporary.
+  auto* out = reinterpret_cast<uint8_t*>(mask.mutable_data_ptr<bool>());
+  const auto key = static_cast<uint64_t>(seed.item<int64_t>());
+  const uint32_t threshold = dropout_threshold(p);
+  const int64_t numel = rows * cols, full = numel / 4;
+  at::parallel_for(0, full, kChunk, [&](int64_t c0, int64_t c1) {
+    keep_bytes(key, threshold, static_cast<uint64_t>(c0), c1 - c0, out + 4 * c0);
+  });
+  if (numel % 4 != 0) {
+    uint8_t tail[4];
+    keep_bytes(key, threshold, static_cast<uint64_t>(full), 1, tail);
+    std::copy(tail, tail + numel % 4, out + 4 * full);
+  }
   return mask;
 }
 
