@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from typing import Sequence
 
 import torch
@@ -233,7 +234,8 @@ examples:
     e = p.add_argument_group("end-to-end")
     e.add_argument("--e2e-model", choices=sorted(_e2e.MODEL_PRESETS), help="model config preset")
     e.add_argument("--e2e-dtype", choices=["bf16", "fp16", "fp32"], help="model dtype")
-    e.add_argument("--e2e-batch", type=int, help="batch size (halved until every method fits on OOM)")
+    e.add_argument("--e2e-batch", type=int, help="batch size (a method that runs out of memory is retried at half the batch; the LoRA methods "
+                        "are compared at the largest batch that fits all of them)")
     e.add_argument("--e2e-seq", type=int, help="sequence length")
     e.add_argument("--e2e-steps", type=int, help="timed steps (median)")
     e.add_argument("--e2e-methods", default=list(_e2e.METHODS), type=_list_of(_e2e.METHODS, "e2e method"),
@@ -267,8 +269,8 @@ def _compile_rule(mode: str, cases: Sequence[Case], headline: Case):
         return lambda c: c == headline
     first = cases[0] if cases else headline
     r0 = 16 if any(c.r == 16 for c in cases) else first.r
-    return lambda c: c == headline or (c.r == r0 and (c.in_features, c.out_features) ==
-                                       (first.in_features, first.out_features))
+    return lambda c: c == headline or (c.r == r0 and c.dtype == first.dtype and
+                                       (c.in_features, c.out_features) == (first.in_features, first.out_features))
 
 
 def _pick_headline(cases: Sequence[Case], device) -> Case:
@@ -303,6 +305,8 @@ def run(args: argparse.Namespace) -> dict:
     """Run the suites chosen by `args` (from build_parser()) and write the outputs. Returns the results."""
     t_start = time.perf_counter()
     device = _resolve_device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # events and streams are the current device's
     kind = "cuda" if device.type == "cuda" else "cpu"
     preset = PRESETS[kind][args.preset]
     suites = [x for x in SUITES if x in args.suites]
@@ -315,6 +319,11 @@ def run(args: argparse.Namespace) -> dict:
         notes.append("CPU run: sizes are the CPU preset's, not the GPU sweep; timings on a shared CPU are noisy")
     if backend == "python":
         notes.append("lorafa_ext backend is the pure-PyTorch fallback (no compiled extension)")
+    elif device.type == "cuda" and backend != "cuda":
+        msg = (f"lorafa_ext backend is {backend!r}: the compiled library has no CUDA kernels, so every lorafa "
+               "variant fails on this GPU (rebuild with the CUDA toolkit: pip install --no-build-isolation -e .)")
+        warnings.warn(msg)
+        notes.append(msg)
 
     ns = args.n or preset["ns"]
     shapes = args.shapes or preset["shapes"]
@@ -376,6 +385,16 @@ def run(args: argparse.Namespace) -> dict:
                            "speedup_vs_*": "time ratio (other / ours)"}},
         "notes": notes,
     }
+    os.makedirs(args.out, exist_ok=True)
+
+    def save():  # after every suite, so a run cut short still leaves its finished suites
+        results["meta"]["seconds"] = time.perf_counter() - t_start
+        bad = _report.write_json(os.path.join(args.out, "results.json"), results)
+        note = "non-finite values written as null: " + ", ".join(bad[:10])
+        if bad and note not in notes:
+            notes.append(note)
+            _report.write_json(os.path.join(args.out, "results.json"), results)
+
     try:
         if "micro" in suites:
             t0 = time.perf_counter()
@@ -386,11 +405,13 @@ def run(args: argparse.Namespace) -> dict:
             res["timing"] = vars(timing)
             res["seconds"] = time.perf_counter() - t0
             results["micro"] = res
+            save()
         if "memory" in suites:
             t0 = time.perf_counter()
             res = _memory.run_memory(mem_cases, mem_variants, device, bar=bar, compile_for=compile_for)
             res["seconds"] = time.perf_counter() - t0
             results["memory"] = res
+            save()
         if "e2e" in suites:
             t0 = time.perf_counter()
             res = _e2e.run_e2e(e2e_cfg, device, bar=bar, notes=notes)
@@ -399,16 +420,11 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         bar.close()
 
-    os.makedirs(args.out, exist_ok=True)
     plots = []
     if not args.no_plots:
         plots = _make_plots(results, args.out, dev_name, notes)
     results["plots"] = [os.path.basename(p) for p in plots]
-    results["meta"]["seconds"] = time.perf_counter() - t_start
-    bad = _report.write_json(os.path.join(args.out, "results.json"), results)
-    if bad:
-        notes.append("non-finite values written as null: " + ", ".join(bad[:10]))
-        _report.write_json(os.path.join(args.out, "results.json"), results)
+    save()
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(_report.markdown(results))
     print_summary(results, out=args.out)

@@ -230,28 +230,151 @@ def test_sanitize_json(tmp_path):
     assert sanitize({"d": torch.bfloat16}) == {"d": "bfloat16"}
 
 
+def _e2e_cfg(**kw):
+    base = dict(model="micro", dtype="fp32", batch=4, seq=8, steps=1, warmup=1, grad_ckpt=(False,), dropouts=(0.0,))
+    base.update(kw)
+    return e2e_mod.E2EConfig(**base)
+
+
+def _assert_no_repeats(rows):
+    keys = [(r["method"], r["batch"], r["grad_ckpt"], r["lora_dropout"]) for r in rows]
+    assert len(keys) == len(set(keys)), keys
+    assert all(r["lora_dropout"] is None for r in rows if r["method"] == "full")
+
+
 @needs_transformers
 def test_e2e_oom_is_reported_and_batch_reduced(tmp_path):
-    cfg = e2e_mod.E2EConfig(model="micro", dtype="fp32", batch=4, seq=8, steps=1, warmup=1, grad_ckpt=(False,),
-                            dropouts=(0.0,), methods=("full", "lorafa"),
-                            simulate_oom=lambda method, batch: method == "full" and batch > 1)
+    """Full fine-tuning fits only at batch 1: ours is compared at the requested batch, full shown as OOM there."""
+    cfg = _e2e_cfg(methods=("full", "lorafa"), simulate_oom=lambda method, batch: method == "full" and batch > 1)
     notes = []
     res = e2e_mod.run_e2e(cfg, torch.device("cpu"), notes=notes)
     status = {(r["method"], r["batch"]): r["status"] for r in res["rows"]}
-    assert status[("full", 4)] == "OOM" and status[("full", 2)] == "OOM"
-    assert status[("lorafa", 4)] == "ok"
-    assert status[("full", 1)] == "ok" and status[("lorafa", 1)] == "ok"
+    assert status == {("full", 4): "OOM", ("full", 2): "OOM", ("full", 1): "ok", ("lorafa", 4): "ok"}
+    _assert_no_repeats(res["rows"])
     oom = [r for r in res["rows"] if r["status"] == "OOM"]
     assert all(r["tokens_per_s"] is None for r in oom)
     (c,) = res["comparisons"]
-    assert c["batch"] == 1 and c["requested_batch"] == 4
-    assert c["tokens_per_s"]["full"] > 0 and c["tokens_per_s"]["lorafa"] > 0
+    assert c["batch"] == 4 and c["requested_batch"] == 4 and not c["batch_reduced"]
+    assert c["status"] == {"full": "OOM", "lorafa": "ok"}
+    assert c["largest_fitting_batch"] == {"full": 1, "lorafa": 4}
+    assert c["tokens_per_s"]["full"] is None and c["tokens_per_s"]["lorafa"] > 0
+    assert any("full fine-tuning" in n and "fits at batch 1" in n for n in c["notes"])
+    from lorafa_ext._bench.report import compare_table_rows
+
+    (row,) = compare_table_rows([c])
+    assert "OOM (fits at 1)" in row
     if HAS_MPL:
         from lorafa_ext._bench.report import plot_e2e
 
         path = plot_e2e(sanitize(res), str(tmp_path / "e2e.png"), "test CPU")
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_transformers
+@needs_peft
+def test_e2e_oom_fallback_compares_lora_methods_without_full(tmp_path):
+    """Full fine-tuning never fits, PEFT LoRA only up to batch 2, ours and PEFT LoRA-FA at 4: the LoRA-type
+    methods are compared at 2, full is OOM and outside the goals; every attempt is a row, none repeated."""
+    def oom(method, batch):
+        return method == "full" or (method == "peft_lora" and batch > 2)
+
+    cfg = _e2e_cfg(dropouts=(0.0, 0.05), simulate_oom=oom)
+    notes = []
+    res = e2e_mod.run_e2e(cfg, torch.device("cpu"), notes=notes)
+    _assert_no_repeats(res["rows"])
+    status = {(r["method"], r["batch"], r["lora_dropout"]): r["status"] for r in res["rows"]}
+    want = {("full", 4, None): "OOM", ("full", 2, None): "OOM", ("full", 1, None): "OOM"}  # once for both dropouts
+    for p in (0.0, 0.05):
+        want.update({("peft_lora", 4, p): "OOM", ("peft_lora", 2, p): "ok", ("peft_lorafa", 4, p): "ok",
+                     ("peft_lorafa", 2, p): "ok", ("lorafa", 4, p): "ok", ("lorafa", 2, p): "ok"})
+    assert status == want
+    assert len(res["comparisons"]) == 2
+    for c, p in zip(res["comparisons"], (0.0, 0.05)):
+        assert c["lora_dropout"] == p
+        assert c["batch"] == 2 and c["requested_batch"] == 4 and c["batch_reduced"]
+        assert c["largest_fitting_batch"] == {"full": None, "peft_lora": 2, "peft_lorafa": 4, "lorafa": 4}
+        assert c["status"] == {"full": "OOM", "peft_lora": "ok", "peft_lorafa": "ok", "lorafa": "ok"}
+        assert c["tokens_per_s"]["full"] is None and c["peak_mem_gib"]["full"] is None
+        for m in ("peft_lora", "peft_lorafa", "lorafa"):
+            assert c["tokens_per_s"][m] > 0
+        assert c["tokens_ratio_lorafa_over_peft_lora"] > 0 and c["tokens_ratio_lorafa_over_peft_lorafa"] > 0
+        assert c["saved_ratio_peft_lora_over_lorafa"] > 0
+        assert c["goal_mem_met"] is None and c["goal_tokens_met"] is None  # CPU
+        assert any("every batch" in n for n in c["notes"])
+    from lorafa_ext._bench.report import compare_table_rows
+
+    row = compare_table_rows(res["comparisons"])[0]
+    assert "2 (asked 4)" in row and "OOM at every batch" in row
+    if HAS_MPL:
+        from lorafa_ext._bench.report import plot_e2e
+
+        assert plot_e2e(sanitize(res), str(tmp_path / "e2e.png"), "test CPU")
+
+
+@needs_transformers
+def test_e2e_no_oom_compares_at_requested_batch():
+    methods = ("full", "lorafa") + (("peft_lora",) if HAS_PEFT else ())
+    cfg = _e2e_cfg(batch=2, methods=methods, simulate_oom=lambda method, batch: False)
+    notes = []
+    res = e2e_mod.run_e2e(cfg, torch.device("cpu"), notes=notes)
+    assert sorted((r["method"], r["batch"]) for r in res["rows"]) == sorted((m, 2) for m in methods)
+    assert all(r["status"] == "ok" for r in res["rows"])
+    (c,) = res["comparisons"]
+    assert c["batch"] == c["requested_batch"] == 2 and not c["batch_reduced"]
+    assert c["largest_fitting_batch"] == {m: 2 for m in c["status"]}
+    assert set(c["status"]) == set(methods) and set(c["status"].values()) == {"ok"}
+    assert c["tokens_per_s"]["full"] > 0 and c["notes"] == []
+    assert not any("batch" in n for n in notes)
+
+
+@needs_transformers
+def test_e2e_saved_activations_none_with_grad_ckpt(tmp_path):
+    """Checkpointing's own saved_tensors_hooks hide the saved tensors: n/a there, not a wrong number."""
+    methods = ("lorafa",) + (("peft_lora",) if HAS_PEFT else ())
+    cfg = _e2e_cfg(batch=2, methods=methods, grad_ckpt=(False, True))
+    notes = []
+    res = e2e_mod.run_e2e(cfg, torch.device("cpu"), notes=notes)
+    for r in res["rows"]:
+        assert r["status"] == "ok", r
+        if r["grad_ckpt"]:
+            assert r["saved_activation_bytes"] is None and r["saved_activation_mib"] is None
+        else:
+            assert r["saved_activation_bytes"] > 0
+    off, on = res["comparisons"]
+    assert on["saved_ratio_peft_lora_over_lorafa"] is None
+    assert set(on["saved_activation_mib"].values()) == {None}
+    assert any("checkpointing" in n for n in on["notes"]) and not off["notes"]
+    assert any("checkpointing" in n for n in notes)
+    if HAS_PEFT:
+        assert off["saved_ratio_peft_lora_over_lorafa"] > 1
+        assert on["tokens_ratio_lorafa_over_peft_lora"] > 0
+    from lorafa_ext._bench.report import compare_table_rows, e2e_table_rows
+
+    assert compare_table_rows([on])[0][6] == "n/a (ckpt)"
+    assert all(row[8] == "n/a" for row, r in zip(e2e_table_rows(res["rows"]), res["rows"]) if r["grad_ckpt"])
+    if HAS_MPL:
+        from lorafa_ext._bench.report import plot_e2e
+
+        assert plot_e2e(sanitize(res), str(tmp_path / "e2e.png"), "test CPU")
+
+
+def test_oom_detection_and_free_never_raises(monkeypatch):
+    from lorafa_ext._bench.micro import _free, _is_oom
+
+    assert _is_oom(torch.OutOfMemoryError("x"))
+    assert _is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert _is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert not _is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not _is_oom(ValueError("shape mismatch"))
+    assert _free("cpu") is None
+
+    def sticky():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", sticky)
+    why = _free(torch.device("cuda"))
+    assert "illegal memory access" in why
 
 
 def test_cli_help():

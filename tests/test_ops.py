@@ -252,6 +252,32 @@ def test_linear_autograd_empty(device, p):
     assert gbias.shape == (17,) and bool((gbias == 0).all())
 
 
+@pytest.mark.parametrize("p", [0.0, 0.5])
+@pytest.mark.parametrize("n_in", [1, 6])
+def test_size_one_operands_with_degenerate_strides(device, n_in, p):
+    """One row and one output column: a size-1 dim's stride is arbitrary (0 from expand, 1 from a
+    transposed column) while the tensor still counts as contiguous; the kernels and the GEMMs'
+    leading dimensions must not rely on it."""
+    g = torch.Generator().manual_seed(21)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, torch.float32)
+
+    x = rnd(1, n_in).expand(3, n_in)[:1]  # strides (0, 1)
+    weight = rnd(n_in, 1).t()  # (1, n_in) with strides (1, 1)
+    bias, lora_a = rnd(1), rnd(2, n_in)
+    lora_b = rnd(1, 2)
+    b_leaf, bias_leaf = (t.clone().requires_grad_(True) for t in (lora_b, bias))
+    y = ops.linear(x.requires_grad_(True), weight, bias_leaf, lora_a, b_leaf, 0.5, p, False, 9)
+    y.sum().backward()  # the gradient reaching the op is expanded: strides (0, 0)
+    c = dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, scaling=0.5)
+    mask = op_mask(9, 1, n_in, p, device)
+    y_ref, _ = ref_forward(c, mask, p)
+    dx_ref, db_ref, dbias_ref = ref_backward(torch.ones(1, 1, dtype=torch.float64), c, mask, p)
+    for got, want in ((y, y_ref), (x.grad, dx_ref), (b_leaf.grad, db_ref), (bias_leaf.grad, dbias_ref)):
+        torch.testing.assert_close(got.detach().cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_wrappers_are_the_ops(device):
     c = make_case(7, 33, 17, 8, "fp32", device=device, seed=17)
     args = (c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scaling"])

@@ -44,6 +44,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // out[n, j] = alpha * sum_k drop(X)[n, k] * P(j, k), X(n, k) = x[n*sx0 + k*sx1],
 // P(j, k) = p[j*sp0 + k*sp1], out contiguous (rows, R). Block: 32 rows x 32 ranks, 4 outputs a thread.
+// Each thread stages 4 consecutive k of one row, so one dropout_keep4 (one or two Philox calls)
+// serves 4 elements. A dropped element is multiplied by 0 (inf or NaN stay NaN, as on the CPU).
 template <typename XT, typename PT, bool DROP>
 __global__ void __launch_bounds__(kThreads)
     project_kernel(const XT* __restrict__ x, int64_t sx0, int64_t sx1, const PT* __restrict__ p,
@@ -60,18 +62,24 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (DROP) s = static_cast<uint64_t>(*seed);
   acc_t acc[4] = {0, 0, 0, 0};
   for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-    for (int i = tid; i < kTile * kTile; i += kThreads) {
-      const int rr = i / kTile, kk = i % kTile;
-      const int64_t n = n0 + rr, j = j0 + rr, k = k0 + kk;
-      acc_t v = 0;
-      if (n < rows && k < K) {
-        v = static_cast<acc_t>(x[n * sx0 + k * sx1]);
-        if constexpr (DROP) {
-          if (!dropout_keep(s, static_cast<uint64_t>(n * K + k), threshold)) v = 0;
-        }
+    for (int i = tid; i < kTile * kTile / 4; i += kThreads) {
+      const int rr = i / (kTile / 4), kq = (i % (kTile / 4)) * 4;
+      const int64_t n = n0 + rr, j = j0 + rr, kb = k0 + kq;
+      uint32_t keep = 0xF;
+      if constexpr (DROP) {
+        if (n < rows && kb < K) keep = dropout_keep4(s, static_cast<uint64_t>(n * K + kb), threshold);
       }
-      xs[rr][kk] = v;
-      ps[rr][kk] = (j < R && k < K) ? static_cast<acc_t>(p[j * sp0 + k * sp1]) : acc_t(0);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t k = kb + q;
+        acc_t v = 0;
+        if (n < rows && k < K) {
+          v = static_cast<acc_t>(x[n * sx0 + k * sx1]);
+          if constexpr (DROP) v *= static_cast<acc_t>((keep >> q) & 1u);
+        }
+        xs[rr][kq + q] = v;
+        ps[rr][kq + q] = (j < R && k < K) ? static_cast<acc_t>(p[j * sp0 + k * sp1]) : acc_t(0);
+      }
     }
     __syncthreads();
 #pragma unroll
@@ -90,8 +98,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Four consecutive outputs of one row, stored with one vector instruction.
+template <typename T>
+struct alignas(4 * sizeof(T)) Pack4 {
+  T v[4];
+};
+
+// Row offset of column c of expand's Q tile (rows of kTile + 1): columns c and c + 32 land 2 banks
+// apart, so the 16 threads of a half-warp reading columns 4 tc + b hit 16 distinct banks.
+__device__ __forceinline__ int q_index(int c, int jj) { return c * (kTile + 1) + (c / 32) * 2 + jj; }
+
 // y[n, c] = bias[c] + alpha * keep(n*C + c) * sum_j z[n, j] * Q(c, j), y contiguous (rows, C),
-// z contiguous (rows, R), Q(c, j) = q[c*sq0 + j*sq1]. Block: 64 x 64 outputs, 16 a thread.
+// z contiguous (rows, R), Q(c, j) = q[c*sq0 + j*sq1]. Block: 64 x 64 outputs; a thread owns 4 rows
+// x 4 consecutive columns, so one dropout_keep4 serves a row's 4 outputs and (C % 4 == 0) they are
+// stored as one vector.
 template <typename YT, typename PT, bool DROP>
 __global__ void __launch_bounds__(kThreads)
     expand_kernel(YT* __restrict__ y, const YT* __restrict__ bias, const PT* __restrict__ z,
@@ -100,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
                   uint32_t threshold) {
   using acc_t = acc_type<PT>;
   __shared__ acc_t zs[kExpTile][kTile + 1];
-  __shared__ acc_t qs[kExpTile][kTile + 1];
+  __shared__ acc_t qs[kExpTile * (kTile + 1) + 2 * (kExpTile / 32)];
   const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kExpTile;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kExpTile;
@@ -110,7 +130,7 @@ __global__ void __launch_bounds__(kThreads)
       const int rr = i / kTile, jj = i % kTile;
       const int64_t n = n0 + rr, c = c0 + rr, j = j0 + jj;
       zs[rr][jj] = (n < rows && j < R) ? static_cast<acc_t>(z[n * R + j]) : acc_t(0);
-      qs[rr][jj] = (c < C && j < R) ? static_cast<acc_t>(q[c * sq0 + j * sq1]) : acc_t(0);
+      qs[q_index(rr, jj)] = (c < C && j < R) ? static_cast<acc_t>(q[c * sq0 + j * sq1]) : acc_t(0);
     }
     __syncthreads();
 #pragma unroll 8
@@ -119,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int a = 0; a < 4; ++a) zv[a] = zs[tr * 4 + a][jj];
 #pragma unroll
-      for (int b = 0; b < 4; ++b) qv[b] = qs[tc + 16 * b][jj];
+      for (int b = 0; b < 4; ++b) qv[b] = qs[q_index(tc * 4 + b, jj)];
 #pragma unroll
       for (int a = 0; a < 4; ++a)
 #pragma unroll
@@ -129,20 +149,29 @@ __global__ void __launch_bounds__(kThreads)
   }
   uint64_t s = 0;
   if constexpr (DROP) s = static_cast<uint64_t>(*seed);
+  const int64_t cb = c0 + tc * 4;
+  const bool vector_store = (C % 4 == 0) && (reinterpret_cast<uintptr_t>(y) % sizeof(Pack4<YT>) == 0);
 #pragma unroll
   for (int a = 0; a < 4; ++a) {
     const int64_t n = n0 + tr * 4 + a;
-    if (n >= rows) continue;
+    if (n >= rows || cb >= C) continue;
+    uint32_t keep = 0xF;
+    if constexpr (DROP) keep = dropout_keep4(s, static_cast<uint64_t>(n * C + cb), threshold);
+    Pack4<YT> pack;
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-      const int64_t c = c0 + tc + 16 * b;
-      if (c >= C) continue;
       acc_t v = acc[a][b] * alpha;
-      if constexpr (DROP) {
-        if (!dropout_keep(s, static_cast<uint64_t>(n * C + c), threshold)) v = 0;
+      if constexpr (DROP) v *= static_cast<acc_t>((keep >> b) & 1u);
+      if (bias != nullptr && cb + b < C) v += static_cast<acc_t>(bias[cb + b]);
+      pack.v[b] = static_cast<YT>(v);
+    }
+    if (vector_store) {
+      *reinterpret_cast<Pack4<YT>*>(y + n * C + cb) = pack;
+    } else {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        if (cb + b < C) y[n * C + cb + b] = pack.v[b];
       }
-      if (bias != nullptr) v += static_cast<acc_t>(bias[c]);
-      y[n * C + c] = static_cast<YT>(v);
     }
   }
 }
@@ -283,7 +312,7 @@ template <typename XT, typename PT>
 void launch_project(const XT* x, int64_t sx0, int64_t sx1, const PT* p, int64_t sp0, int64_t sp1,
                     PT* out, int64_t rows, int64_t R, int64_t K, double alpha,
                     const int64_t* seed, double dropout_p) {
-  if (rows == 0) return;
+  if (rows == 0 || R == 0) return;
   const dim3 grid(ceil_div(rows, kTile), ceil_div(R, kTile));
   TORCH_CHECK(grid.x <= INT_MAX && grid.y <= 65535, "lorafa: project launch too large");
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -414,11 +443,19 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double al
       CUBLAS_GEMM_DEFAULT));
 }
 
-// A 2-D view cuBLAS and the kernels can read as is: unit column stride, row stride >= cols.
+// A 2-D view cuBLAS and the kernels can read as is: unit column stride, row stride >= cols (a
+// contiguous tensor's strides are arbitrary along size-1 dims: see row_stride).
 at::Tensor gemm_operand(const at::Tensor& t) {
   const int64_t cols = t.size(1);
   if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(cols, 1)) return t;
   return t.contiguous();
+}
+
+// The leading dimension to give cuBLAS for a row-major 2-D operand from gemm_operand. With a single
+// row the row stride is never used but may be anything (0 for an expanded gradient, 1 for a
+// transposed column), and cuBLAS rejects a leading dimension below the column count.
+int64_t row_stride(const at::Tensor& t) {
+  return t.size(0) > 1 ? t.stride(0) : std::max<int64_t>(t.size(1), 1);
 }
 
 // Kernels run below autocast on the tensors' device.
@@ -455,7 +492,7 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
   if (rows > 0) {
     // z = drop(x) A^T: cuBLAS when it is a plain product, else the project kernel (dropout, fp32 A).
     const bool blas_z = dropout_p == 0.0 && zdt == x.scalar_type();
-    if (blas_z) gemm(false, true, rows, r, in, 1.0, x2, x2.stride(0), a, in, 0.0, z, r);
+    if (blas_z) gemm(false, true, rows, r, in, 1.0, x2, row_stride(x2), a, in, 0.0, z, r);
     dispatch_xz(x.scalar_type(), zdt, "lorafa.linear_forward", [&](auto xtag, auto ztag) {
       using XT = decltype(xtag);
       using ZT = decltype(ztag);
@@ -470,7 +507,7 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
                             scaling, nullptr, 0.0);
     });
     // ... + x W^T.
-    gemm(false, true, rows, out, in, 1.0, x2, x2.stride(0), w, w.stride(0), 1.0, y2, out);
+    gemm(false, true, rows, out, in, 1.0, x2, row_stride(x2), w, row_stride(w), 1.0, y2, out);
   }
   return {y, z};
 }
@@ -500,7 +537,7 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z_in, const
       // t = s dy B: cuBLAS when the dtypes match, else the project kernel.
       at::Tensor t = at::empty({rows, r}, z.options());
       if (zdt == grad_y.scalar_type()) {
-        gemm(false, false, rows, r, out, scaling, dy, dy.stride(0), b, r, 0.0, t, r);
+        gemm(false, false, rows, r, out, scaling, dy, row_stride(dy), b, r, 0.0, t, r);
       } else {
         launch_project<YT, ZT>(dy.const_data_ptr<YT>(), dy.stride(0), 1, b.const_data_ptr<ZT>(), 1,
                                r, t.mutable_data_ptr<ZT>(), rows, r, out, scaling, nullptr, 0.0);
@@ -512,7 +549,7 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z_in, const
                             seed_ptr(seed, dropout_p), dropout_p);
       // ... + dy W.
       const at::Tensor w = weight.contiguous();
-      gemm(false, false, rows, in, out, 1.0, dy, dy.stride(0), w, w.stride(0), 1.0, dx2, in);
+      gemm(false, false, rows, in, out, 1.0, dy, row_stride(dy), w, row_stride(w), 1.0, dx2, in);
     }
     if ((output_mask[1] || output_mask[2]) && out > 0) {
       launch_grad_b<YT, ZT>(dy.const_data_ptr<YT>(), dy.stride(0), z.const_data_ptr<ZT>(),

@@ -1,5 +1,6 @@
 // C++ test of the lorafa ops through the dispatcher, as a libtorch user calls them: forward, backward,
-// the Gram inverse and the correction against plain ATen math in double precision, on the CPU.
+// autograd through `linear`, the Gram inverse and the correction against plain ATen math in double
+// precision, on the CPU.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
 
@@ -62,6 +63,21 @@ int main() {
   expect_close("backward dx", dx, dy.mm(w) + s * dy.mm(lb).mm(a) * mask / (1.0 - p), 1e-12);
   expect_close("backward dB", d_b, s * dy.t().mm(z_ref), 1e-12);
   expect_close("backward dbias", d_bias, dy.sum(0), 1e-12);
+
+  // `linear` carries autograd (csrc/autograd.cpp): gradients of x, B and the bias by backward().
+  const auto linear = op("lorafa::linear")
+                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                            const std::optional<at::Tensor>&, const at::Tensor&,
+                                            const at::Tensor&, double, double, bool,
+                                            std::optional<int64_t>, double,
+                                            const std::optional<at::Tensor>&)>();
+  const at::Tensor xg = x.clone().requires_grad_(true), lbg = lb.clone().requires_grad_(true);
+  const at::Tensor bg = b.clone().requires_grad_(true);
+  linear.call(xg, w, bg, a, lbg, s, 0.0, false, std::nullopt, 1e-6, std::nullopt).backward(dy);
+  const at::Tensor z_plain = x.mm(a.t());
+  expect_close("autograd dx", xg.grad(), dy.mm(w) + s * dy.mm(lb).mm(a), 1e-12);
+  expect_close("autograd dB", lbg.grad(), s * dy.t().mm(z_plain), 1e-12);
+  expect_close("autograd dbias", bg.grad(), dy.sum(0), 1e-12);
 
   const double eps = 1e-6;
   const at::Tensor gi = op("lorafa::gram_inverse")

@@ -10,11 +10,17 @@ alpha = 32. Methods:
     lorafa       this package: ``lorafa_ext.apply_lorafa(..., correction=True)``, torch AdamW over
                  ``lorafa_ext.lorafa_parameters(model)``
 
-AdamW is fused on a GPU. A method that runs out of memory is reported as OOM; the comparison is then
-repeated at the largest batch (halving) that fits every method.
+AdamW is fused on a GPU. A method that runs out of memory is reported as OOM, and run again at half the
+batch until it fits (every attempt is a row). The LoRA-type methods (all but full fine-tuning) are
+compared at the largest batch that fits all of them; full fine-tuning is shown there when it fits, as
+OOM otherwise, and is never part of the goals (ours against PEFT LoRA).
+
+Saved activations are counted with saved_tensors_hooks, which non-reentrant gradient checkpointing
+overrides with its own: with checkpointing on they are not measured (None), peak memory is the measure.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import statistics
@@ -26,7 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from .memory import SavedTensorCounter
-from .micro import _is_oom, _why
+from .micro import _free, _is_oom, _why
 from .progress import NullBar
 from .variants import DTYPES, peft_available
 
@@ -48,6 +54,9 @@ METHOD_LABELS = {"full": "full fine-tuning", "peft_lora": "PEFT LoRA", "peft_lor
 # Goals on a GPU (the issue): peak memory >= 1.4x lower than PEFT LoRA, tokens/s >= 1.3x PEFT LoRA.
 GOAL_MEM = 1.4
 GOAL_TOKENS = 1.3
+CKPT_SAVED_NOTE = ("saved activations are n/a with gradient checkpointing: non-reentrant checkpointing installs "
+                   "its own saved_tensors_hooks, so the counter would see almost nothing (the same for every "
+                   "method); peak memory is the measure there")
 
 
 @dataclass
@@ -183,17 +192,20 @@ def _measure(method: str, cfg: E2EConfig, batch: int, grad_ckpt: bool, dropout: 
         gc.collect()
         torch.cuda.reset_peak_memory_stats(device)
     # Warm-up. The first step also counts what autograd saves (unique storages); parameters and
-    # buffers (rotary tables, cached Gram inverses) are not activations.
-    counter = SavedTensorCounter(exclude=base_params + list(model.parameters()) + list(model.buffers()))
+    # buffers (rotary tables, cached Gram inverses) are not activations. Not with gradient
+    # checkpointing: its own saved_tensors_hooks hide the saved tensors from ours (CKPT_SAVED_NOTE).
+    counter = None if grad_ckpt else \
+        SavedTensorCounter(exclude=base_params + list(model.parameters()) + list(model.buffers()))
     del base_params
-    with counter:
+    with counter or contextlib.nullcontext():
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     del loss
-    row["saved_activation_bytes"] = counter.bytes
-    row["saved_activation_mib"] = counter.bytes / 2**20
+    if counter is not None:
+        row["saved_activation_bytes"] = counter.bytes
+        row["saved_activation_mib"] = counter.bytes / 2**20
     for _ in range(cfg.warmup - 1):
         _train_step(model, opt, ids)
     _sync(device)
@@ -214,9 +226,11 @@ def _measure(method: str, cfg: E2EConfig, batch: int, grad_ckpt: bool, dropout: 
         row["peak_mem_gib"] = peak / 2**30
 
 
-def run_one(method: str, cfg: E2EConfig, batch: int, grad_ckpt: bool, dropout: float | None, device) -> dict:
+def run_one(method: str, cfg: E2EConfig, batch: int, grad_ckpt: bool, dropout: float | None, device,
+            notes: list | None = None) -> dict:
     """One method at one batch size: tokens/s (median step), peak memory of the steps, saved
-    activations. status is "ok", "OOM" or "error: ..."; the numbers are None unless ok."""
+    activations (None with gradient checkpointing). status is "ok", "OOM" or "error: ..."; the numbers
+    are None unless ok. A failing torch.cuda.empty_cache() afterwards goes to `notes`."""
     device = torch.device(device)
     row = {"method": method, "label": METHOD_LABELS[method], "batch": batch, "seq": cfg.seq,
            "grad_ckpt": grad_ckpt, "lora_dropout": dropout, "status": "ok", "tokens_per_s": None,
@@ -237,9 +251,10 @@ def run_one(method: str, cfg: E2EConfig, batch: int, grad_ckpt: bool, dropout: f
         for k in ("tokens_per_s", "step_ms", "peak_mem_bytes", "peak_mem_gib", "saved_activation_bytes",
                   "saved_activation_mib", "loss"):
             row[k] = None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    why = _free(device)
+    if why is not None and notes is not None:
+        notes.append(f"e2e {method} batch={batch} grad_ckpt={grad_ckpt} dropout={dropout}: "
+                     f"torch.cuda.empty_cache() failed afterwards: {why}")
     return row
 
 
@@ -252,8 +267,37 @@ def available_methods(methods: Sequence[str], notes: list | None = None) -> list
     return methods
 
 
-def _compare(rows: dict, device, batch: int, requested: int, grad_ckpt: bool, dropout: float) -> dict:
-    """Ratios of one setting; rows is {method: row} at one batch."""
+def _warm_cublas(device, dtype: torch.dtype) -> str | None:
+    """Create the cuBLAS (and cuBLASLt) handles and workspaces of this thread and of the autograd
+    thread now, with a tiny matmul + backward: created later, near the memory limit, their allocation
+    fails (CUBLAS_STATUS_ALLOC_FAILED), which is not the method's fault. Returns None or the error."""
+    try:
+        x = torch.randn(16, 16, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(16, 16, device=device, dtype=dtype, requires_grad=True)
+        b = torch.randn(16, device=device, dtype=dtype, requires_grad=True)
+        torch.nn.functional.linear(x @ w, w, b).float().sum().backward()
+        _sync(device)
+    except Exception as e:  # noqa: BLE001
+        return _why(e)
+    return None
+
+
+def _compare(rows: dict, device, batch: int, requested: int, grad_ckpt: bool, dropout: float,
+             largest: dict | None = None, notes: Sequence[str] = ()) -> dict:
+    """Ratios of one setting; rows is {method: row} at one batch, `batch`.
+
+    batch                  the batch every number here is at: the largest that fits every LoRA-type
+                           method (all but full fine-tuning); requested_batch when nothing ran out of memory
+    requested_batch        the batch asked for; batch_reduced: batch < requested_batch
+    status                 {method: status at batch}: "ok", "OOM", "error: ...", or "not run"
+    largest_fitting_batch  {method: largest batch that fit, halving from requested_batch; None: OOM at
+                           every batch down to 1 (or failed)}
+    tokens_per_s, peak_mem_gib, saved_activation_mib   {method: value at batch, None unless ok}
+    *_ratio_*              ours (lorafa) against PEFT LoRA / PEFT LoRA-FA at batch; the saved-activation
+                           ratio is None with gradient checkpointing (CKPT_SAVED_NOTE)
+    goal_mem_met, goal_tokens_met   the goals (GPU only, else None); full fine-tuning never counts
+    notes                  why something is missing or moved, in words
+    """
     def get(m, k):
         r = rows.get(m)
         return r.get(k) if r and r["status"] == "ok" else None
@@ -261,13 +305,20 @@ def _compare(rows: dict, device, batch: int, requested: int, grad_ckpt: bool, dr
     def ratio(a, b):
         return a / b if a is not None and b else None
 
+    notes = list(notes)
+    if grad_ckpt:
+        notes.append(CKPT_SAVED_NOTE)
     c = {"grad_ckpt": grad_ckpt, "lora_dropout": dropout, "batch": batch, "requested_batch": requested,
+         "batch_reduced": batch != requested,
+         "status": {m: (r["status"] if r else "not run") for m, r in rows.items()},
+         "largest_fitting_batch": dict(largest) if largest is not None else
+         {m: (batch if r and r["status"] == "ok" else None) for m, r in rows.items()},
          "tokens_per_s": {m: get(m, "tokens_per_s") for m in rows},
          "peak_mem_gib": {m: get(m, "peak_mem_gib") for m in rows},
          "saved_activation_mib": {m: get(m, "saved_activation_mib") for m in rows},
          "mem_ratio_peft_lora_over_lorafa": ratio(get("peft_lora", "peak_mem_bytes"), get("lorafa", "peak_mem_bytes")),
-         "saved_ratio_peft_lora_over_lorafa": ratio(get("peft_lora", "saved_activation_bytes"),
-                                                    get("lorafa", "saved_activation_bytes")),
+         "saved_ratio_peft_lora_over_lorafa": None if grad_ckpt else
+         ratio(get("peft_lora", "saved_activation_bytes"), get("lorafa", "saved_activation_bytes")),
          "tokens_ratio_lorafa_over_peft_lora": ratio(get("lorafa", "tokens_per_s"), get("peft_lora", "tokens_per_s")),
          "tokens_ratio_lorafa_over_peft_lorafa": ratio(get("lorafa", "tokens_per_s"),
                                                       get("peft_lorafa", "tokens_per_s")),
@@ -276,58 +327,92 @@ def _compare(rows: dict, device, batch: int, requested: int, grad_ckpt: bool, dr
     m, t = c["mem_ratio_peft_lora_over_lorafa"], c["tokens_ratio_lorafa_over_peft_lora"]
     c["goal_mem_met"] = (m >= GOAL_MEM) if (gpu and m is not None) else None
     c["goal_tokens_met"] = (t >= GOAL_TOKENS) if (gpu and t is not None) else None
+    c["notes"] = notes
     return c
 
 
 def run_e2e(cfg: E2EConfig, device, bar=None, notes: list | None = None) -> dict:
-    """Every method in every (gradient checkpointing, dropout) setting, with the OOM fallback."""
+    """Every method in every (gradient checkpointing, dropout) setting, with the OOM fallback.
+
+    Per setting, every method runs at the requested batch; one that runs out of memory runs again at
+    half the batch until it fits or batch 1 does not (every attempt is a row), which gives each method's
+    largest fitting batch. The LoRA-type methods (all but "full") are compared at b*, the largest batch
+    that fits all of them (each is run there if it has not been). Full fine-tuning is in the comparison
+    when it fits at b* and shown as OOM otherwise (with its own largest fitting batch); it is never part
+    of the goals. No method runs twice at one (batch, grad_ckpt, dropout); full fine-tuning has no
+    dropout and runs once per (grad_ckpt, batch).
+    """
     bar = bar or NullBar()
     device = torch.device(device)
     notes = notes if notes is not None else []
     methods = available_methods(cfg.methods, notes)
+    if device.type == "cuda":
+        why = _warm_cublas(device, DTYPES[cfg.dtype])
+        if why is not None:
+            notes.append(f"e2e: warming the cuBLAS handles failed: {why}")
     rows, comparisons = [], []
-    full_cache: dict = {}  # full fine-tuning has no LoRA dropout: run once per (grad_ckpt, batch)
+    done: dict = {}  # (method, batch, grad_ckpt, dropout) -> row; dropout None for full fine-tuning
+
+    def key(method, batch, ckpt, p):
+        return method, batch, ckpt, None if method == "full" else p
 
     def run(method, batch, ckpt, p):
-        if method == "full":
-            key = (ckpt, batch)
-            if key not in full_cache:
-                bar.set_description(f"e2e full b={batch} ckpt={ckpt}")
-                full_cache[key] = run_one("full", cfg, batch, ckpt, None, device)
-                rows.append(full_cache[key])
-            return full_cache[key]
-        bar.set_description(f"e2e {method} b={batch} ckpt={ckpt} p={p}")
-        r = run_one(method, cfg, batch, ckpt, p, device)
-        rows.append(r)
-        return r
+        k = key(method, batch, ckpt, p)
+        if k not in done:
+            bar.set_description(f"e2e {method} b={batch} ckpt={ckpt}" + ("" if k[3] is None else f" p={p}"))
+            done[k] = run_one(method, cfg, batch, ckpt, k[3], device, notes=notes)
+            rows.append(done[k])
+        return done[k]
 
-    order = sorted(methods, key=lambda m: METHODS.index(m))  # the hungriest (full) first
+    def largest_fit(method, ckpt, p):
+        """Halve the batch from the requested one while `method` runs out of memory: the largest
+        batch that fits, or None (OOM at every batch, or a failure that is not OOM)."""
+        b = cfg.batch
+        r = run(method, b, ckpt, p)
+        while r["status"] == "OOM" and b > 1:
+            b //= 2
+            r = run(method, b, ckpt, p)
+        return b if r["status"] == "ok" else None
+
+    order = sorted(methods, key=lambda m: METHODS.index(m))
     for ckpt in cfg.grad_ckpt:
         for p in cfg.dropouts:
-            at = {m: run(m, cfg.batch, ckpt, p) for m in order}
-            bar.update(1)
-            failed = [m for m, r in at.items() if r["status"] not in ("ok", "OOM")]
+            where = f"e2e grad_ckpt={ckpt} dropout={p}"
+            first = {m: run(m, cfg.batch, ckpt, p) for m in order}
+            failed = [m for m, r in first.items() if r["status"] not in ("ok", "OOM")]
             if failed:
-                notes.append(f"e2e grad_ckpt={ckpt} dropout={p}: {', '.join(failed)} failed (not OOM): "
-                             f"{at[failed[0]]['status']}")
-            if not any(r["status"] == "OOM" for r in at.values()):
-                comparisons.append(_compare(at, device, cfg.batch, cfg.batch, ckpt, p))
-                continue
-            # Something ran out of memory: halve the batch until every method that can run fits.
-            b, fit = cfg.batch, None
-            runnable = [m for m in order if m not in failed]
-            while b > 1 and fit is None:
+                notes.append(f"{where}: {', '.join(failed)} failed (not OOM): {first[failed[0]]['status']}")
+            largest = {m: largest_fit(m, ckpt, p) for m in order}
+            lora = [m for m in order if m != "full" and m not in failed]
+            never = [m for m in lora if largest[m] is None]
+            fits = [largest[m] for m in lora if largest[m] is not None]
+            b = min(fits) if fits else cfg.batch
+            # b* is in every method's halving chain; run there whatever has not run there. Memory is not
+            # always monotonic in the batch: a method that runs out of memory at b* moves b* down.
+            while True:
+                at = {m: run(m, b, ckpt, p) for m in lora if m not in never}
+                if b == 1 or not any(r["status"] == "OOM" for r in at.values()):
+                    break
                 b //= 2
-                trial = {}
-                for m in runnable:
-                    trial[m] = run(m, b, ckpt, p)
-                    if trial[m]["status"] == "OOM":
-                        break
-                if len(trial) == len(runnable) and not any(r["status"] == "OOM" for r in trial.values()):
-                    fit = trial
-            if fit is not None:
-                comparisons.append(_compare(fit, device, b, cfg.batch, ckpt, p))
-            else:
-                notes.append(f"e2e grad_ckpt={ckpt} dropout={p}: no batch size fits every method")
-                comparisons.append(_compare(at, device, cfg.batch, cfg.batch, ckpt, p))
+            cnotes = []
+            if never:
+                cnotes.append(f"{', '.join(never)}: OOM at every batch down to 1, compared without")
+            if b != cfg.batch:
+                short = [m for m in lora if m not in never and first[m]["status"] == "OOM"]
+                cnotes.append(f"compared at batch {b}, the largest that fits every LoRA-type method "
+                              f"(asked {cfg.batch}; OOM there: {', '.join(short) or 'none'})")
+            if "full" in order and "full" not in failed:
+                lf = largest["full"]
+                if lf is not None and lf >= b:
+                    run("full", b, ckpt, p)  # fits at a batch >= b*: measure it at b* too
+                elif lf is None:
+                    cnotes.append("full fine-tuning: OOM at every batch down to 1 (not in the comparison)")
+                else:
+                    cnotes.append(f"full fine-tuning: OOM at batch {b}, fits at batch {lf} (not in the comparison)")
+            at_b = {m: done.get(key(m, b, ckpt, p)) or (first[m] if m in failed else None) for m in order}
+            notes.extend(f"{where}: {n}" for n in cnotes)
+            comparisons.append(_compare(at_b, device, b, cfg.batch, ckpt, p, largest=largest, notes=cnotes))
+            bar.update(1)
+    if any(cfg.grad_ckpt):
+        notes.append("e2e: " + CKPT_SAVED_NOTE)
     return {"config": cfg.describe(), "methods": methods, "rows": rows, "comparisons": comparisons}

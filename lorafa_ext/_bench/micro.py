@@ -39,10 +39,22 @@ def available_variants(names: Sequence[str], notes: list | None = None) -> list:
     return names
 
 
-def _free(device):
+def _free(device) -> str | None:
+    """gc, then torch.cuda.empty_cache() on a GPU. Never raises: after a sticky CUDA error (an illegal
+    address) empty_cache raises too, and that must not end the whole run. Returns None, or the error
+    (which is also logged)."""
     gc.collect()
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type != "cuda":
+        return None
+    try:
         torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+        import logging
+
+        why = _why(e)
+        logging.getLogger(__name__).warning("torch.cuda.empty_cache() failed: %s", why)
+        return why
+    return None
 
 
 def _why(e: BaseException) -> str:
@@ -50,8 +62,18 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:300]
 
 
+def _is_oom_text(msg: str) -> bool:
+    """An "out of memory" message, or cuBLAS failing to allocate (a handle or its workspace created
+    near the memory limit)."""
+    return "out of memory" in msg.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in msg
+
+
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    """torch.OutOfMemoryError, or a RuntimeError whose message says the memory ran out."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e)
+    return "out of memory" in msg.lower() or (isinstance(e, RuntimeError) and _is_oom_text(msg))
 
 
 def run_case(case: Case, variants: Sequence[str], device, timing: TimingConfig, rotate: int | None = None,
@@ -78,7 +100,7 @@ def run_case(case: Case, variants: Sequence[str], device, timing: TimingConfig, 
         _free(device)
         return [], skipped + [{"case": case.label, "variant": n, "reason": err} for n in variants]
     for name, why in failures.items():
-        skipped.append({"case": case.label, "variant": name, "reason": "OOM" if "out of memory" in why.lower() else why})
+        skipped.append({"case": case.label, "variant": name, "reason": "OOM" if _is_oom_text(why) else why})
     sets = steps = None
     _free(device)
     rows = _rows(case, samples, device)

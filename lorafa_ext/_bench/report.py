@@ -136,23 +136,45 @@ E2E_HEADERS = ["grad ckpt", "lora dropout", "method", "batch x seq", "status", "
 
 
 def e2e_table_rows(rows: Sequence[dict]) -> list:
+    def saved(r):  # not measured with gradient checkpointing (see e2e.CKPT_SAVED_NOTE)
+        return "n/a" if r["grad_ckpt"] and r["status"] == "ok" else fmt(r["saved_activation_mib"])
+
     return [["on" if r["grad_ckpt"] else "off", "-" if r["lora_dropout"] is None else r["lora_dropout"], r["label"],
              f"{r['batch']} x {r['seq']}", r["status"], fmt(r["tokens_per_s"]), fmt(r["step_ms"]),
-             fmt(r["peak_mem_gib"]), fmt(r["saved_activation_mib"]), fmt(r["trainable_params"])] for r in rows]
+             fmt(r["peak_mem_gib"]), saved(r), fmt(r["trainable_params"])] for r in rows]
 
 
-COMPARE_HEADERS = ["grad ckpt", "lora dropout", "batch", "peak mem PEFT LoRA / ours (x)",
-                   "saved act PEFT LoRA / ours (x)", "tokens/s ours / PEFT LoRA (x)",
+COMPARE_HEADERS = ["grad ckpt", "lora dropout", "batch", "largest fitting batch", "full fine-tuning",
+                   "peak mem PEFT LoRA / ours (x)", "saved act PEFT LoRA / ours (x)", "tokens/s ours / PEFT LoRA (x)",
                    "tokens/s ours / PEFT LoRA-FA (x)", "memory goal >= 1.4x", "speed goal >= 1.3x"]
+
+
+def _full_cell(c: dict) -> str:
+    """Full fine-tuning at the compared batch: ok, OOM (with its own largest fitting batch), or absent."""
+    st = (c.get("status") or {}).get("full")
+    if st is None:
+        return "-"
+    if st != "OOM":
+        return st
+    lf = (c.get("largest_fitting_batch") or {}).get("full")
+    return "OOM at every batch" if lf is None else f"OOM (fits at {lf})"
 
 
 def compare_table_rows(comps: Sequence[dict]) -> list:
     def goal(v):
         return "n/a" if v is None else ("met" if v else "MISSED")
 
+    def largest(c):
+        lf = c.get("largest_fitting_batch") or {}
+        return ", ".join(f"{m} {'OOM' if b is None else b}" for m, b in lf.items()) or "-"
+
+    def saved(c):
+        v = c["saved_ratio_peft_lora_over_lorafa"]
+        return "n/a (ckpt)" if v is None and c["grad_ckpt"] else fmt_x(v)
+
     return [["on" if c["grad_ckpt"] else "off", c["lora_dropout"],
              f"{c['batch']}" + ("" if c["batch"] == c["requested_batch"] else f" (asked {c['requested_batch']})"),
-             fmt_x(c["mem_ratio_peft_lora_over_lorafa"]), fmt_x(c["saved_ratio_peft_lora_over_lorafa"]),
+             largest(c), _full_cell(c), fmt_x(c["mem_ratio_peft_lora_over_lorafa"]), saved(c),
              fmt_x(c["tokens_ratio_lorafa_over_peft_lora"]), fmt_x(c["tokens_ratio_lorafa_over_peft_lorafa"]),
              goal(c["goal_mem_met"]), goal(c["goal_tokens_met"])] for c in comps]
 
@@ -244,6 +266,12 @@ def markdown(results: dict) -> str:
                   f"blocks, r = {c['r']}, alpha = {c['alpha']}. Step = forward + backward + optimizer; tokens/s from "
                   f"the median of {c['steps']} steps after {c['warmup']} warm-up.", "",
                   md_table(E2E_HEADERS, e2e_table_rows(e2e["rows"])), "",
+                  "A method that runs out of memory is run again at half the batch until it fits (every attempt "
+                  "is a row above). The comparison is at the largest batch that fits every LoRA-type method "
+                  "(PEFT LoRA, PEFT LoRA-FA, ours); full fine-tuning is shown there when it fits, as OOM "
+                  "otherwise, and is not part of the goals (ours against PEFT LoRA, GPU only). Saved "
+                  "activations are n/a with gradient checkpointing (its own saved-tensor hooks hide them); "
+                  "peak memory is the measure there.", "",
                   md_table(COMPARE_HEADERS, compare_table_rows(e2e["comparisons"])), ""]
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
@@ -416,15 +444,19 @@ def plot_e2e(e2e: dict, path: str, device_label: str) -> str | None:
                 if r is None:
                     continue
                 if r["status"] != "ok" or r.get(key) is None:
-                    oom.append((x, r["status"]))
+                    # not measured (saved activations with checkpointing) is not a failure
+                    oom.append((x, r["status"] if r["status"] != "ok" else "n/a"))
                     continue
                 xs.append(x)
                 ys.append(r[key])
             label = next((r.get("label") for r in rows if r["method"] == m and r.get("label")), m)
+            if not xs:  # no bar at all (full fine-tuning OOM everywhere): an empty one keeps the legend's colour
+                xs, ys = [0], [0]
             ax.bar(xs, ys, width=width, label=label, color=_METHOD_COLORS.get(m))
             for x, st in oom:
-                ax.text(x, 0, "OOM" if st == "OOM" else "err", rotation=90, ha="center", va="bottom", fontsize=8)
+                ax.text(x, 0, st if st in ("OOM", "n/a") else "err", rotation=90, ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(groups)))
+        ax.set_xlim(-0.5, len(groups) - 0.5)
         ax.set_xticklabels([g[0] for g in groups], fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")

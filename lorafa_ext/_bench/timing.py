@@ -6,8 +6,10 @@ the backward), so one run gives forward, backward and forward+backward times tha
 
 * GPU: CUDA events on the current stream. Before every sample the L2 cache is flushed by zeroing a
   buffer twice its size (outside the timed region), and the inputs/parameters are rotated over several
-  independent sets, so nothing runs from cache. The host synchronises once per round, never inside
-  a sample.
+  independent sets, so nothing runs from cache. A short spin kernel (``queue_ahead_us``) then holds the
+  GPU while the host enqueues the sample, so that the events measure the GPU's time and not the host's
+  launch latency (which would otherwise dominate small N). The host synchronises once per round, never
+  inside a sample.
 * CPU: ``time.perf_counter_ns`` around each part, Python's garbage collector off while sampling.
   Operations on the CPU are synchronous, so wall time is the op's time.
 
@@ -55,6 +57,7 @@ class TimingConfig:
     min_time_s: float = 0.0  # keep sampling up to max_reps until this much wall time has passed
     max_time_s: float = 60.0 # stop once this much wall time has passed and min_samples were taken
     min_samples: int = 3
+    queue_ahead_us: float = 300.0  # GPU only: spin this long before each sample (see the module doc)
 
 
 @dataclass
@@ -108,6 +111,14 @@ class _L2Flusher:
             self.buf.zero_()
 
 
+def _spin_cycles(device: torch.device, us: float) -> int:
+    """GPU clock cycles in `us` microseconds (torch.cuda._sleep spins for a number of cycles)."""
+    if us <= 0:
+        return 0
+    khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 0) or 1_500_000
+    return int(us * khz / 1000)
+
+
 def _cuda_mark():
     e = torch.cuda.Event(enable_timing=True)
     e.record()
@@ -123,6 +134,7 @@ def measure(steps: dict, device: torch.device, cfg: TimingConfig, on_round: Call
     device = torch.device(device)
     cuda = device.type == "cuda"
     flush = _L2Flusher(device)
+    spin_cycles = _spin_cycles(device, cfg.queue_ahead_us) if cuda else 0
     names = list(steps)
     failures: dict = {}
 
@@ -157,6 +169,8 @@ def measure(steps: dict, device: torch.device, cfg: TimingConfig, on_round: Call
                 k = rnd % st.sets
                 if cuda:
                     flush()
+                    if spin_cycles:
+                        torch.cuda._sleep(spin_cycles)
                     m = st.run(k, _cuda_mark)
                     pending.append((name, m))
                 else:
