@@ -213,3 +213,21 @@ def test_p_outside_range_is_an_error(device, p):
         ops.linear(*args, False, 1)
     with pytest.raises((RuntimeError, ValueError), match="dropout_p"):
         ops.linear_forward(*args, seed_tensor(1, device))
+
+
+def test_dropped_inf_gives_nan_like_the_reference(device):
+    """drop(x) multiplies by the mask, as torch's dropout does: a dropped inf becomes NaN (inf * 0),
+    a kept one stays infinite; every backend agrees with the reference on where."""
+    seed, p, rows, n_in = 7, 0.5, 4, 8
+    c = make_case(rows, n_in, 5, 3, "fp32", device=device, bias=False, seed=11)
+    mask = reference.dropout_mask(seed, rows, n_in, p)
+    x = c["x"].detach().clone()
+    x[0, int((~mask[0]).nonzero()[0])] = float("inf")  # dropped
+    x[2, int(mask[2].nonzero()[0])] = float("inf")  # kept
+    c["x"] = x
+    y, z = ops.linear_forward(x, c["weight"], None, c["lora_a"], c["lora_b"], c["scaling"], p,
+                              seed_tensor(seed, device))
+    y_ref, z_ref = ref_forward(c, mask, p)
+    assert torch.equal(z.isnan().cpu(), z_ref.isnan()) and torch.equal(z.isinf().cpu(), z_ref.isinf())
+    assert bool(z_ref[0].isnan().all()) and bool(z_ref[2].isinf().all())
+    assert torch.equal(y.isnan().cpu(), y_ref.isnan())
