@@ -175,6 +175,18 @@ def _junit_counts(path: pathlib.Path):
     return {"passed": total - failed - skipped, "failed": failed, "skipped": skipped}
 
 
+def _progress_counts(text: str) -> dict:
+    """Counts from pytest -q's progress lines (for a shard killed before it wrote its junit report)."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    for line in text.splitlines():
+        m = re.fullmatch(r"([.FEsxX]+)\s*(\[\s*\d+%\])?", line.strip())
+        if m:
+            counts["passed"] += m.group(1).count(".") + m.group(1).count("X")
+            counts["failed"] += m.group(1).count("F") + m.group(1).count("E")
+            counts["skipped"] += m.group(1).count("s") + m.group(1).count("x")
+    return counts
+
+
 def _sanitizer_errors(text: str) -> int:
     """Errors in compute-sanitizer's summaries (memcheck: ERROR SUMMARY; racecheck: RACECHECK SUMMARY)."""
     found = [int(m) for m in re.findall(r"ERROR SUMMARY: (\d+) error", text)]
@@ -218,6 +230,9 @@ def tests_and_sanitizer(check: Check, tests_log, san_log, tmp: pathlib.Path) -> 
         san_log.write(f"\n===== compute-sanitizer {' '.join(tool)} (exit {san.rc}, timed out: {san.timed_out})\n")
         text = _append(san_log, tool_log)
         n = _sanitizer_errors(text)
+        if "Device not supported" in text:  # e.g. under gVisor: the tool cannot run, which is no verdict
+            san_errors, san_status = None, "unavailable (compute-sanitizer: Device not supported)"
+            break
         if san.timed_out:
             san_status = "timeout"
         elif san.rc != 0 and n == 0:
@@ -234,14 +249,15 @@ def tests_and_sanitizer(check: Check, tests_log, san_log, tmp: pathlib.Path) -> 
     for p, junit, shard_log in shards:
         p.log_file.close()
         tests_log.write(f"\n===== {p.name} (exit {p.rc}, timed out: {p.timed_out})\n")
-        _append(tests_log, shard_log)
+        text = _append(tests_log, shard_log)
         c = _junit_counts(junit)
         if p.timed_out:
             status = "timeout"
-        if c is None:
-            counts["failed"] += 1  # the shard died before writing its report
-            check.record["notes"].append(f"{p.name}: no junit report (exit {p.rc}, timed out: {p.timed_out})")
-            continue
+        if c is None:  # killed or crashed before its report: count its progress, and one failure
+            c = _progress_counts(text)
+            c["failed"] += 1
+            check.record["notes"].append(f"{p.name}: no junit report (exit {p.rc}, timed out: {p.timed_out}); "
+                                         f"counted from its progress lines, plus one failure")
         for k in counts:
             counts[k] += c[k]
     check.record["tests"] = counts

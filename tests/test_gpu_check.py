@@ -46,6 +46,14 @@ def test_sanitizer_summary(gc, text, errors):
     assert gc._sanitizer_errors(text) == errors
 
 
+def test_progress_counts(gc):
+    text = ("tests/test_a.py ..s.F [ 10%]\n"  # not a bare progress line: ignored
+            "..s.F.x                                                                  [ 50%]\n"
+            "warnings summary\n"
+            "..E.X\n")
+    assert gc._progress_counts(text) == {"passed": 8, "failed": 2, "skipped": 2}
+
+
 def test_shards_cover_every_test_file_once(gc):
     shards = gc._test_shards(gc.TEST_SHARDS)
     files = [f for s in shards for f in s]
