@@ -77,7 +77,7 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.popen.wait()
+        self.rc = self.popen.wait()
         self.timed_out = True
 
 
