@@ -410,3 +410,26 @@ def test_scripts_help():
                        timeout=300)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
     assert p.stdout.count("usage:") == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_quick_run_is_well_formed(tmp_path):
+    """The GPU paths (CUDA events, queue-ahead spin, L2 flush, peak CUDA memory, the end-to-end step
+    in bf16) at the quick preset's tiny sizes, without torch.compile: outputs complete and finite,
+    every lorafa variant measured."""
+    args = bench.build_parser().parse_args(["--preset", "quick", "--device", "cuda", "--compile", "none",
+                                            "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    bench.run(args)
+    data = _strict_load(tmp_path / "results.json")
+    assert data["meta"]["device"].startswith("cuda") and data["meta"]["backend"] == "cuda"
+    for path, v in _walk_numbers(data):
+        assert math.isfinite(v), path
+    seen = {r["variant"] for r in data["micro"]["cases"]}
+    assert {"cublas", "lorafa", "lorafa_dropout", "lorafa_correction"} <= seen
+    assert all(r["fwdbwd_us"] > 0 for r in data["micro"]["cases"])
+    mem = data["memory"]["cases"]
+    assert mem and all(r["peak_fwdbwd_bytes"] > 0 for r in mem if r["variant"].startswith("lorafa"))
+    if HAS_TRANSFORMERS:
+        rows = data["e2e"]["rows"]
+        assert any(r["method"] == "lorafa" and r["status"] == "ok" for r in rows)
+        assert all(r["peak_mem_gib"] > 0 for r in rows if r["status"] == "ok")
