@@ -79,6 +79,8 @@ def test_outputs_written(quick_run):
     assert data["meta"]["units"]["*_us"].startswith("microseconds")
     for path, v in _walk_numbers(data):
         assert math.isfinite(v), path
+    # results.json stores NaN/inf as null and says so in a note: there must be none
+    assert not [n for n in data["notes"] if n.startswith("non-finite values written as null")], data["notes"]
     if HAS_MPL:
         assert data["plots"], "no plots written"
         for name in data["plots"]:
@@ -424,6 +426,8 @@ def test_gpu_quick_run_is_well_formed(tmp_path):
     assert data["meta"]["device"].startswith("cuda") and data["meta"]["backend"] == "cuda"
     for path, v in _walk_numbers(data):
         assert math.isfinite(v), path
+    # results.json stores NaN/inf as null and says so in a note: there must be none
+    assert not [n for n in data["notes"] if n.startswith("non-finite values written as null")], data["notes"]
     seen = {r["variant"] for r in data["micro"]["cases"]}
     assert {"cublas", "lorafa", "lorafa_dropout", "lorafa_correction"} <= seen
     assert all(r["fwdbwd_us"] > 0 for r in data["micro"]["cases"])

@@ -61,8 +61,8 @@ def _assert_same(a, b, exact):
     ],
     ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
 )
-def test_compile_matches_eager(cfg):
-    c = make_case((3, 5), 33, 17, 8, "fp32", bias=cfg["bias"], seed=1)
+def test_compile_matches_eager(device, cfg):
+    c = make_case((3, 5), 33, 17, 8, "fp32", bias=cfg["bias"], seed=1, device=device)
     model = LoraFALinear(c, cfg["p"], cfg["correction"], seed=1234 if cfg["p"] else None)
     y_e, g_e = _step(model, c["x"])
     compiled = torch.compile(model, backend=cfg["backend"], fullgraph=True)
@@ -77,7 +77,7 @@ def test_compile_matches_eager(cfg):
     # and the eager result is right (so the comparison is not between two wrong answers)
     mask = op_mask(1234, 15, 33, cfg["p"], "cpu")
     y_ref = ref_forward(c, mask, cfg["p"])[0]
-    torch.testing.assert_close(y_e, (torch.relu(y_ref) * 2.0 + 1.0).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_e.cpu(), (torch.relu(y_ref) * 2.0 + 1.0).float(), rtol=1e-5, atol=1e-5)
 
 
 def test_no_graph_breaks():
@@ -123,14 +123,14 @@ def test_dynamic_shapes(backend):
 
 
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
-def test_autocast_bf16(backend):
-    c = make_case((2, 6), 33, 17, 8, "fp32", seed=6)
+def test_autocast_bf16(device, backend):
+    c = make_case((2, 6), 33, 17, 8, "fp32", seed=6, device=device)
     model = LoraFALinear(c, 0.0, False)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     x = c["x"]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         y_e, g_e = _step(model, x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         y_c, g_c = _step(compiled, x)
     assert y_e.dtype == torch.bfloat16 and y_c.dtype == torch.bfloat16
     torch.testing.assert_close(y_c, y_e, rtol=1.6e-2, atol=1e-2)
@@ -143,11 +143,11 @@ def test_autocast_bf16(backend):
     y_ref = ref_forward(cb)[0]
     y_plain = plain_forward(cb)[0]
     y_op = torch.ops.lorafa.linear(*(cb[k] for k in ("x", "weight", "bias", "lora_a", "lora_b", "scaling")))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         y_ac = torch.ops.lorafa.linear(*(c[k] for k in ("x", "weight", "bias", "lora_a", "lora_b", "scaling")))
     assert y_ac.dtype == torch.bfloat16
     assert torch.equal(y_ac, y_op), "autocast must cast the inputs to bf16, like F.linear"
     assert_matches(y_ac, y_plain, y_ref, "y (autocast)", dtype=torch.bfloat16)
     final_ref = torch.relu(y_ref) * 2.0 + 1.0
-    err = (y_c.double() - final_ref).abs().max().item()
+    err = (y_c.double().cpu() - final_ref).abs().max().item()
     assert err <= 4 * 2**-8 * final_ref.abs().max().item()

@@ -82,12 +82,17 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();
+    // Two-level sum: each K tile into a fresh partial, then into the total (the error of a K-long
+    // running sum would grow like K; this keeps it near cuBLAS's blocked sums).
+    acc_t part[4] = {0, 0, 0, 0};
 #pragma unroll
     for (int kk = 0; kk < kTile; ++kk) {
       const acc_t a = ps[tj][kk];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] += xs[tn + 8 * i][kk] * a;
+      for (int i = 0; i < 4; ++i) part[i] += xs[tn + 8 * i][kk] * a;
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] += part[i];
     __syncthreads();
   }
   const int64_t j = j0 + tj;
@@ -205,16 +210,22 @@ __global__ void __launch_bounds__(kThreads)
           (db_part != nullptr && n < n_end && j < R) ? static_cast<acc_t>(z[n * R + j]) : acc_t(0);
     }
     __syncthreads();
+    // Two-level sums, as in project: each 32-row tile into a fresh partial, then into the total.
     if (db_part != nullptr) {
+      acc_t part[4] = {0, 0, 0, 0};
 #pragma unroll 8
       for (int nn = 0; nn < kTile; ++nn) {
         const acc_t yv = ys[nn][to];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i] += yv * zs[nn][tj + 8 * i];
+        for (int i = 0; i < 4; ++i) part[i] += yv * zs[nn][tj + 8 * i];
       }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] += part[i];
     }
     if (do_bias && tj == 0) {
-      for (int nn = 0; nn < kTile; ++nn) bsum += ys[nn][to];
+      acc_t part = 0;
+      for (int nn = 0; nn < kTile; ++nn) part += ys[nn][to];
+      bsum += part;
     }
     __syncthreads();
   }
