@@ -258,6 +258,10 @@ def tests_and_sanitizer(check: Check, tests_log, san_log, tmp: pathlib.Path) -> 
             c["failed"] += 1
             check.record["notes"].append(f"{p.name}: no junit report (exit {p.rc}, timed out: {p.timed_out}); "
                                          f"counted from its progress lines, plus one failure")
+        elif not p.timed_out and p.rc not in (0, 1, 5):  # pytest: interrupted, internal error, usage error
+            c["failed"] += 1
+            status = f"failed (pytest exit {p.rc})"
+            check.record["notes"].append(f"{p.name}: pytest exited with {p.rc} (see tests.log), counted as a failure")
         for k in counts:
             counts[k] += c[k]
     check.record["tests"] = counts

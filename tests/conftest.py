@@ -51,6 +51,19 @@ FACTOR = 2.0
 SCALING = 1.375
 
 
+@pytest.fixture(autouse=True)
+def _stop_on_sticky_cuda_error(request):
+    """After a test that used CUDA, synchronise: an asynchronous error (an illegal address) leaves the
+    CUDA context unusable, and every later CUDA test of the session would fail for it. Stop the
+    session there instead, naming the test that left it."""
+    yield
+    if HAS_CUDA and torch.cuda.is_initialized():
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError as err:
+            pytest.exit(f"CUDA error after {request.node.nodeid}: {err}; the CUDA context is unusable", returncode=3)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     """"cpu" always, "cuda" only when a GPU is present (skipped otherwise)."""
