@@ -237,9 +237,9 @@ def fp32_tight(dtype):
 # subprocess
 
 
-def run_python(code, force_python=False, timeout=240):
+def run_python(code, force_python=False, timeout=240, env_extra=None):
     """Run ``code`` in a fresh interpreter from the repo root; return stdout (fails on a non-zero exit)."""
-    env = dict(os.environ)
+    env = dict(os.environ, **(env_extra or {}))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     if force_python:
         env["LORAFA_FORCE_PYTHON"] = "1"

@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
-from conftest import make_case, make_dy, ops, ref_backward, ref_forward, seed_tensor
+import json
+
+import lorafa_ext
+from conftest import make_case, make_dy, ops, ref_backward, ref_forward, run_python, seed_tensor
 from lorafa_ext import reference
 
 
@@ -231,3 +234,32 @@ def test_dropped_inf_gives_nan_like_the_reference(device):
     assert torch.equal(z.isnan().cpu(), z_ref.isnan()) and torch.equal(z.isinf().cpu(), z_ref.isinf())
     assert bool(z_ref[0].isnan().all()) and bool(z_ref[2].isinf().all())
     assert torch.equal(y.isnan().cpu(), y_ref.isnan())
+
+
+_PHILOX_CODE = """
+import json, torch, lorafa_ext
+from lorafa_ext import reference
+res = {"masks_match_reference": []}
+for seed, rows, cols in [(5, 3, 4099), (2**40 + 3, 9, 1031), (7, 1, 1), (11, 100, 1024)]:
+    m = torch.ops.lorafa.dropout_mask(torch.tensor(seed), rows, cols, 0.3)
+    res["masks_match_reference"].append(bool(torch.equal(m, reference.dropout_mask(seed, rows, cols, 0.3))))
+g = torch.Generator().manual_seed(3)
+x, w, a, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in [(37, 33), (5, 33), (3, 33), (5, 3)])
+y, z = torch.ops.lorafa.linear_forward(x, w, None, a, b, 0.5, 0.3, torch.tensor(99))
+dx, _, _ = torch.ops.lorafa.linear_backward(torch.ones(37, 5, dtype=torch.float64), z, w, a, b, 0.5, 0.3,
+                                            torch.tensor(99), [True, False, False])
+res["z"], res["dx"] = z.tolist(), dx.tolist()
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(lorafa_ext.backend() == "python", reason="the compiled CPU kernels' Philox paths")
+def test_cpu_philox_paths_agree():
+    """The scalar, AVX2 and (where the CPU has it) AVX-512 Philox loops give the same masks as the
+    reference and bitwise the same op results (forced with LORAFA_CPU_PHILOX); the odd sizes leave
+    scalar tails after the vector loops."""
+    runs = {isa: json.loads(run_python(_PHILOX_CODE, env_extra={"LORAFA_CPU_PHILOX": isa}))
+            for isa in ("scalar", "avx2", "best")}
+    for isa, res in runs.items():
+        assert all(res["masks_match_reference"]), isa
+        assert res["z"] == runs["scalar"]["z"] and res["dx"] == runs["scalar"]["dx"], isa

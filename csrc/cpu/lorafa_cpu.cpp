@@ -1,10 +1,13 @@
-// CPU kernels of the lorafa ops: ATen GEMMs (in-place accumulation, no separate scale/add passes)
-// plus a parallel Philox loop for dropout.
+// CPU kernels of the lorafa ops: ATen GEMMs with the low-rank term fused into the passes that exist
+// anyway (forward: written once with the bias, then x W^T accumulated onto it, as F.linear accumulates
+// onto its bias; backward: accumulated onto dy W), and parallel, vectorised Philox for dropout.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -29,7 +32,7 @@ void keep_bytes_scalar(uint64_t seed, uint32_t threshold, uint64_t c_begin, int6
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define LORAFA_AVX2_PHILOX 1
+#define LORAFA_X86_PHILOX 1
 
 // (hi, lo) 32-bit halves of the 32 x 32 -> 64-bit products m * c in 8 lanes.
 __attribute__((target("avx2"))) inline void mulhilo8(__m256i m, __m256i c, __m256i& hi,
@@ -76,17 +79,98 @@ __attribute__((target("avx2"))) void keep_bytes_avx2(uint64_t seed, uint32_t thr
       for (int j = 0; j < 4; ++j) k[4 * i + j] = static_cast<uint8_t>((bits[j] >> i) & 1);
   }
 }
+
+// GCC 12's AVX-512 shift intrinsics start from _mm512_undefined_epi32() and warn about it when
+// inlined (GCC PR 105593); the value is fully overwritten.
+#if !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
+// (hi, lo) 32-bit halves of the 32 x 32 -> 64-bit products m * c in 16 lanes.
+__attribute__((target("avx512f"))) inline void mulhilo16(__m512i m, __m512i c, __m512i& hi,
+                                                         __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(c, m);                         // lanes 0, 2, ..., 14
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);  // lanes 1, 3, ..., 15
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+// keep_bytes_scalar's result, 16 counters at a time in AVX-512 (c_begin and count multiples of 16).
+// The 4 x 16 keep-bits of a step are interleaved into one 64-bit mask with PDEP and stored as 64
+// bytes at once.
+__attribute__((target("avx512f,avx512bw,bmi2"))) void keep_bytes_avx512(uint64_t seed,
+                                                                        uint32_t threshold,
+                                                                        uint64_t c_begin,
+                                                                        int64_t count,
+                                                                        uint8_t* keep) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  for (int64_t base = 0; base < count; base += 16) {
+    const uint64_t c = c_begin + static_cast<uint64_t>(base);
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c))), lane);
+    __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c >> 32)));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    for (int round = 0; round < 10; ++round) {
+      const __m512i k0 = _mm512_set1_epi32(static_cast<int>(philox_key0(seed, round)));
+      const __m512i k1 = _mm512_set1_epi32(static_cast<int>(philox_key1(seed, round)));
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(m0, c0, hi0, lo0);
+      mulhilo16(m1, c2, hi1, lo1);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), k0);
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), k1);
+      c1 = lo1;
+      c3 = lo0;
+    }
+    // Bit 4 i + j of `bits` = keep-bit of word j of counter c + i.
+    const uint64_t bits = _pdep_u64(_mm512_cmpge_epu32_mask(c0, thr), 0x1111111111111111ull) |
+                          _pdep_u64(_mm512_cmpge_epu32_mask(c1, thr), 0x2222222222222222ull) |
+                          _pdep_u64(_mm512_cmpge_epu32_mask(c2, thr), 0x4444444444444444ull) |
+                          _pdep_u64(_mm512_cmpge_epu32_mask(c3, thr), 0x8888888888888888ull);
+    _mm512_storeu_si512(keep + 4 * base, _mm512_maskz_set1_epi8(bits, 1));
+  }
+}
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
+// The widest Philox path this CPU runs: 0 scalar, 8 (AVX2) or 16 (AVX-512) counters a step.
+// LORAFA_CPU_PHILOX=scalar|avx2 selects a narrower one (the tests check every path against the
+// reference on one machine).
+int philox_lanes() {
+  static const int lanes = [] {
+    int best = 0;
+#ifdef LORAFA_X86_PHILOX
+    if (__builtin_cpu_supports("avx2")) best = 8;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("bmi2")) {
+      best = 16;
+    }
+#endif
+    const char* want = std::getenv("LORAFA_CPU_PHILOX");
+    if (want != nullptr && std::strcmp(want, "scalar") == 0) return 0;
+    if (want != nullptr && std::strcmp(want, "avx2") == 0) return std::min(best, 8);
+    return best;
+  }();
+  return lanes;
+}
+
 void keep_bytes(uint64_t seed, uint32_t threshold, uint64_t c_begin, int64_t count, uint8_t* keep) {
-#ifdef LORAFA_AVX2_PHILOX
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2) {
-    // Scalar up to a multiple of 8 counters, AVX2 for whole groups of 8, scalar for the tail.
-    const int64_t head = std::min<int64_t>(count, (8 - static_cast<int64_t>(c_begin % 8)) % 8);
-    const int64_t vec = (count - head) / 8 * 8;
+#ifdef LORAFA_X86_PHILOX
+  if (const int64_t lanes = philox_lanes(); lanes > 0) {
+    // Scalar up to a multiple of `lanes` counters (so the low counter word cannot carry inside a
+    // vector), vectors for whole groups, scalar for the tail.
+    const int64_t head = std::min<int64_t>(count, (lanes - static_cast<int64_t>(c_begin % lanes)) % lanes);
+    const int64_t vec = (count - head) / lanes * lanes;
     keep_bytes_scalar(seed, threshold, c_begin, head, keep);
-    keep_bytes_avx2(seed, threshold, c_begin + head, vec, keep + 4 * head);
+    if (lanes == 16) {
+      keep_bytes_avx512(seed, threshold, c_begin + head, vec, keep + 4 * head);
+    } else {
+      keep_bytes_avx2(seed, threshold, c_begin + head, vec, keep + 4 * head);
+    }
     keep_bytes_scalar(seed, threshold, c_begin + head + vec, count - head - vec,
                       keep + 4 * (head + vec));
     return;
@@ -150,28 +234,49 @@ void project_dropped(const at::Tensor& x2, const at::Tensor& a_t, at::Tensor& z,
   });
 }
 
-// dst2 (rows, C) contiguous += alpha * keep * (left @ right) with left (rows, r), right (r, C), where
-// the product may have a higher precision than dst2; p = 0 keeps every element. Row block by row
-// block, so the N x C product never exists in full.
-void add_lowrank(at::Tensor& dst2, const at::Tensor& left, const at::Tensor& right, double alpha,
-                 uint64_t seed, double p) {
+// The low-rank term of an output, row block by row block (each block's product lives in a
+// cache-sized temporary): with `accumulate`, dst2 += alpha * keep * (left @ right); without,
+// dst2 = bias + alpha * (left @ right), written once and never read, for a GEMM to accumulate onto
+// (beta = 1) as F.linear accumulates onto its bias. dst2 (rows, C) contiguous, left (rows, r),
+// right (r, C), bias (C) or undefined; the product may have a higher precision than dst2; p = 0 keeps
+// every element (dropout only with `accumulate`).
+void lowrank_into(at::Tensor& dst2, const at::Tensor& left, const at::Tensor& right,
+                  const at::Tensor& bias, double alpha, uint64_t seed, double p, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(accumulate ? !bias.defined() : p == 0.0);
   const int64_t rows = dst2.size(0), cols = dst2.size(1);
   const uint32_t threshold = dropout_threshold(p);
+  const at::Tensor bias_c = bias.defined() ? bias.contiguous() : bias;
   parallel_row_blocks(rows, [&](int64_t b, int64_t e) {
     std::vector<uint8_t> buffer;
     const uint8_t* keep = p > 0.0 ? keep_range(seed, threshold, b * cols, e * cols, buffer) : nullptr;
     const at::Tensor u = at::mm(left.slice(0, b, e), right);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst2.scalar_type(), "lorafa_add", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst2.scalar_type(), "lorafa_lowrank", [&] {
       using dst_t = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "lorafa_add_u", [&] {
+      const dst_t* bias_p = bias_c.defined() ? bias_c.const_data_ptr<dst_t>() : nullptr;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "lorafa_lowrank_u", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         const acc_t a = static_cast<acc_t>(alpha);
-        const scalar_t* u_p = u.const_data_ptr<scalar_t>();
-        dst_t* out_p = dst2.mutable_data_ptr<dst_t>() + b * cols;
-        const int64_t n = (e - b) * cols;
-        for (int64_t i = 0; i < n; ++i) {
-          const acc_t m = keep == nullptr ? a : keep[i] ? a : acc_t(0);
-          out_p[i] = static_cast<dst_t>(static_cast<acc_t>(out_p[i]) + m * static_cast<acc_t>(u_p[i]));
+        // One branch-free loop per case (keep-bytes are 0 or 1), so that each vectorises.
+        for (int64_t n = b; n < e; ++n) {
+          const scalar_t* __restrict__ u_p = u.const_data_ptr<scalar_t>() + (n - b) * cols;
+          dst_t* __restrict__ out_p = dst2.mutable_data_ptr<dst_t>() + n * cols;
+          if (accumulate && keep != nullptr) {
+            const uint8_t* __restrict__ k_p = keep + (n - b) * cols;
+            for (int64_t c = 0; c < cols; ++c) {
+              out_p[c] = static_cast<dst_t>(static_cast<acc_t>(out_p[c]) +
+                                            a * static_cast<acc_t>(k_p[c]) * static_cast<acc_t>(u_p[c]));
+            }
+          } else if (accumulate) {
+            for (int64_t c = 0; c < cols; ++c) {
+              out_p[c] = static_cast<dst_t>(static_cast<acc_t>(out_p[c]) + a * static_cast<acc_t>(u_p[c]));
+            }
+          } else if (bias_p != nullptr) {
+            for (int64_t c = 0; c < cols; ++c) {
+              out_p[c] = static_cast<dst_t>(static_cast<acc_t>(bias_p[c]) + a * static_cast<acc_t>(u_p[c]));
+            }
+          } else {
+            for (int64_t c = 0; c < cols; ++c) out_p[c] = static_cast<dst_t>(a * static_cast<acc_t>(u_p[c]));
+          }
         }
       });
     });
@@ -204,11 +309,6 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
   // y is allocated in its final shape and filled through a 2-D view, so the op returns no view.
   at::Tensor y = at::empty(out_shape(x, out), x.options());
   at::Tensor y2 = y.view({rows, out});
-  if (bias.has_value()) {
-    at::addmm_out(y2, *bias, x2, weight.t());
-  } else {
-    at::mm_out(y2, x2, weight.t());
-  }
   at::Tensor z = at::empty({rows, lora_a.size(0)}, x.options().dtype(zdt));
   if (dropout_p == 0.0 && zdt == x.scalar_type()) {
     at::mm_out(z, x2, lora_a.t());
@@ -216,11 +316,10 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
     const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
     project_dropped(x2, lora_a.to(zdt).t(), z, s, dropout_p);
   }
-  if (zdt == x.scalar_type()) {
-    y2.addmm_(z, lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
-  } else {
-    add_lowrank(y2, z, lora_b.to(zdt).t(), scaling, 0, 0.0);
-  }
+  // y = bias + s z B^T, written once; then y += x W^T inside the GEMM (beta = 1).
+  lowrank_into(y2, z, lora_b.to(zdt).t(), bias.has_value() ? *bias : at::Tensor(), scaling, 0, 0.0,
+               /*accumulate=*/false);
+  y2.addmm_(x2, weight.t());
   return {y, z};
 }
 
@@ -239,13 +338,16 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at
   if (output_mask[0]) {
     dx = at::empty(out_shape(grad_y, in), grad_y.options());
     at::Tensor dx2 = dx.view({rows, in});
+    // dx = dy W, then += s drop'(t A) with t = dy B. (Writing the low-rank term first and letting the
+    // GEMM accumulate onto it moves as many bytes here: the GEMM would read dx back.)
     at::mm_out(dx2, dy, weight);
     const at::Tensor t = at::mm(dyz, lora_b.to(zdt));
     if (dropout_p == 0.0 && zdt == dx.scalar_type()) {
       dx2.addmm_(t, lora_a, /*beta=*/1.0, /*alpha=*/scaling);
     } else {
       const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
-      add_lowrank(dx2, t, lora_a.to(zdt), scaling / (1.0 - dropout_p), s, dropout_p);
+      lowrank_into(dx2, t, lora_a.to(zdt), at::Tensor(), scaling / (1.0 - dropout_p), s, dropout_p,
+                   /*accumulate=*/true);
     }
   }
   if (output_mask[1]) {
