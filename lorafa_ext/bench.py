@@ -46,6 +46,11 @@ ALL_VARIANTS = tuple(VARIANTS)
 SUITES = ("micro", "memory", "e2e")
 DEFAULT_OUT = "bench_out"
 
+# The paper's end-to-end setting and the GPU timing, shared by the default and full GPU presets.
+_GPU_E2E = dict(model="llama2-7b", dtype="bf16", batch=8, seq=1024, steps=4, warmup=2, grad_ckpt=(False, True),
+                dropouts=(0.0, 0.05))
+_GPU_TIMING = dict(warmup=5, reps=30, max_reps=200, min_time_s=0.3, max_time_s=20.0)
+
 # Presets: what each suite runs when the options leave it open. "auto" = default.
 PRESETS = {
     "cuda": {
@@ -57,15 +62,11 @@ PRESETS = {
         "default": dict(ns=list(_micro.GPU_NS), shapes=list(_micro.GPU_SHAPES), ranks=[16], dtypes=["bf16"],
                         compile="subset", seq_lens=[512, 1024, 2048, 4096, 8192], mem_shape=(4096, 4096), mem_r=16,
                         mem_dtype="bf16",
-                        e2e=dict(model="llama2-7b", dtype="bf16", batch=8, seq=1024, steps=4, warmup=2,
-                                 grad_ckpt=(False, True), dropouts=(0.0, 0.05)),
-                        timing=dict(warmup=5, reps=30, max_reps=200, min_time_s=0.3, max_time_s=20.0)),
+                        e2e=_GPU_E2E, timing=_GPU_TIMING),
         "full": dict(ns=list(_micro.GPU_NS), shapes=list(_micro.GPU_SHAPES), ranks=list(_micro.GPU_RANKS),
                      dtypes=list(_micro.GPU_DTYPES), compile="subset", seq_lens=[512, 1024, 2048, 4096, 8192],
                      mem_shape=(4096, 4096), mem_r=16, mem_dtype="bf16",
-                     e2e=dict(model="llama2-7b", dtype="bf16", batch=8, seq=1024, steps=4, warmup=2,
-                              grad_ckpt=(False, True), dropouts=(0.0, 0.05)),
-                     timing=dict(warmup=5, reps=30, max_reps=200, min_time_s=0.3, max_time_s=20.0)),
+                     e2e=_GPU_E2E, timing=_GPU_TIMING),
     },
     "cpu": {
         "quick": dict(ns=[32, 64], shapes=[(64, 64)], ranks=[4], dtypes=["fp32"], compile="none",
@@ -291,16 +292,6 @@ def _command_line() -> str:
     return " ".join(["python"] + argv)
 
 
-def _versions() -> dict:
-    out = {}
-    for mod in ("peft", "transformers", "matplotlib"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            out[mod] = None
-    return out
-
-
 def run(args: argparse.Namespace) -> dict:
     """Run the suites chosen by `args` (from build_parser()) and write the outputs. Returns the results."""
     t_start = time.perf_counter()
@@ -378,7 +369,8 @@ def run(args: argparse.Namespace) -> dict:
                  "cuda": torch.version.cuda, "backend": backend, "python": platform.python_version(),
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "command": _command_line(),
-                 "preset": args.preset, "suites": suites, "threads": torch.get_num_threads(), **_versions(),
+                 "preset": args.preset, "suites": suites, "threads": torch.get_num_threads(),
+                 **_report.module_versions(("peft", "transformers", "matplotlib")),
                  "units": {"*_us": "microseconds (median)", "*_tflop_per_s": "TFLOP/s", "*_gb_per_s": "GB/s (1e9 B/s)",
                            "*_mib": "MiB (2^20 bytes)", "*_gib": "GiB (2^30 bytes)", "*_bytes": "bytes",
                            "tokens_per_s": "tokens per second", "*_vs_*": "time ratio (variant / baseline)",

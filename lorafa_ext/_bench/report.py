@@ -77,6 +77,17 @@ def device_name(device) -> str:
     return f"CPU {name} ({torch.get_num_threads()} threads)".replace("  ", " ")
 
 
+def module_versions(names) -> dict:
+    """{module: __version__ or None when it does not import}."""
+    out = {}
+    for mod in names:
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing or broken optional package is just "None"
+            out[mod] = None
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # tables
 
@@ -226,6 +237,13 @@ def write_json(path: str, results: dict) -> list:
 # ----------------------------------------------------------------------------------------------
 # markdown report
 
+def _skipped_lines(suite: dict) -> list:
+    skipped = suite.get("skipped") or []
+    if not skipped:
+        return []
+    return ["Skipped:", ""] + [f"- {s['case']} {s['variant']}: {s['reason']}" for s in skipped] + [""]
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = ["# lorafa_ext benchmarks", "",
@@ -244,8 +262,7 @@ def markdown(results: dict) -> str:
         if micro["cases"]:
             lines += ["## Microbenchmarks: summary", "", md_table(SUMMARY_HEADERS, summary_rows(micro["cases"])), ""]
             lines += ["## Microbenchmarks: every variant", "", md_table(MICRO_HEADERS, micro_table_rows(micro["cases"])), ""]
-        if micro.get("skipped"):
-            lines += ["Skipped:", ""] + [f"- {s['case']} {s['variant']}: {s['reason']}" for s in micro["skipped"]] + [""]
+        lines += _skipped_lines(micro)
     mem = results.get("memory")
     if mem:
         lines += ["## Activation memory per layer", "",
@@ -253,8 +270,7 @@ def markdown(results: dict) -> str:
                   "excluded. Peak: CUDA max_memory_allocated during one forward+backward above what was "
                   "allocated before it (CUDA only).", "",
                   md_table(MEMORY_HEADERS, memory_table_rows(mem["cases"])), ""]
-        if mem.get("skipped"):
-            lines += ["Skipped:", ""] + [f"- {s['case']} {s['variant']}: {s['reason']}" for s in mem["skipped"]] + [""]
+        lines += _skipped_lines(mem)
     e2e = results.get("e2e")
     if e2e:
         c = e2e["config"]

