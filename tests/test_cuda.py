@@ -13,6 +13,7 @@ from conftest import (
     ops,
     plain_backward,
     plain_forward,
+    plain_gram_inverse,
     seed_tensor,
 )
 from lorafa_ext import reference
@@ -36,12 +37,6 @@ def _ref_fwd(c, mask, p):
 
 def _ref_bwd(dy, c, mask, p):
     return reference.backward(dy, c["x"], c["weight"], c["lora_a"], c["lora_b"], c["scaling"], mask, p)
-
-
-def _plain_gram_inverse(a, eps):
-    g = a.float() @ a.float().t()
-    r = g.shape[0]
-    return torch.linalg.inv(g + eps * torch.trace(g) / r * torch.eye(r, device=g.device))
 
 
 def _mask(seed, rows, cols, p):
@@ -89,7 +84,7 @@ def _check_all(c, p, seed, correction=False):
     else:
         g_ref = reference.correct_grad(db_ref, c["lora_a"], c["scaling"])
         # plain: torch.linalg.inv of the regularised Gram matrix (independent of our gram_inverse)
-        g_pl = ((db_pl2.float() @ _plain_gram_inverse(c["lora_a"], 1e-6)) / c["scaling"] ** 2).to(bb.dtype)
+        g_pl = ((db_pl2.float() @ plain_gram_inverse(c["lora_a"], 1e-6)) / c["scaling"] ** 2).to(bb.dtype)
         assert_matches(bb.grad, g_pl, g_ref, "linear corrected dB", dtype=c["lora_b"].dtype, ulps=4, k=rows)
 
 

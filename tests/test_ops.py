@@ -17,6 +17,7 @@ from conftest import (
     ops,
     plain_backward,
     plain_forward,
+    plain_gram_inverse,
     ref_backward,
     ref_forward,
     seed_tensor,
@@ -305,13 +306,6 @@ def test_wrappers_are_the_ops(device):
 # gram_inverse / correct_grad / correction
 
 
-def _plain_gram_inverse(a, eps):
-    a = a.to(torch.promote_types(a.dtype, torch.float32))
-    g = a @ a.T
-    r = g.shape[0]
-    return torch.linalg.inv(g + (eps * torch.trace(g) / r) * torch.eye(r, dtype=g.dtype, device=g.device))
-
-
 @pytest.mark.parametrize("eps", [1e-6, 1e-3])
 @pytest.mark.parametrize("r,n_in", [(1, 33), (8, 33), (16, 65), (16, 17), (128, 1027)])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "fp64"])
@@ -320,7 +314,7 @@ def test_gram_inverse(device, dtype, r, n_in, eps):
     g = ops.gram_inverse(a, eps)
     want_dtype = torch.float64 if dt(dtype) == torch.float64 else torch.float32
     ref = reference.gram_inverse(a.cpu(), eps)
-    plain = _plain_gram_inverse(a, eps)
+    plain = plain_gram_inverse(a, eps)
     eye = torch.eye(r, dtype=torch.float64)
     a64 = a.cpu().double()
     m = a64 @ a64.T
@@ -344,7 +338,7 @@ def test_gram_inverse_rank_deficient(device):
     ref = reference.gram_inverse(a.cpu(), 1e-3)
     cond = torch.linalg.cond(ref).item()
     assert cond > 100  # really ill-conditioned
-    assert_matches(g32, _plain_gram_inverse(a.float(), 1e-3), ref, "gram_inv fp32", ulps=4 + cond)
+    assert_matches(g32, plain_gram_inverse(a.float(), 1e-3), ref, "gram_inv fp32", ulps=4 + cond)
 
 
 @pytest.mark.parametrize("gdtype", ["fp32", "fp64"])

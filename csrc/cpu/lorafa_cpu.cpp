@@ -223,9 +223,13 @@ void project_dropped(const at::Tensor& x2, const at::Tensor& a_t, at::Tensor& z,
         const src_t* in_p = src.const_data_ptr<src_t>();
         scalar_t* out_p = dst.mutable_data_ptr<scalar_t>();
         const int64_t n = (e - b) * in;
-        for (int64_t i = 0; i < n; ++i) {
-          const acc_t m = keep == nullptr ? acc_t(1) : keep[i] ? scale : acc_t(0);
-          out_p[i] = static_cast<scalar_t>(static_cast<acc_t>(in_p[i]) * m);
+        // Branch-free loops (keep-bytes are 0 or 1), so that each vectorises.
+        if (keep == nullptr) {
+          for (int64_t i = 0; i < n; ++i) out_p[i] = static_cast<scalar_t>(static_cast<acc_t>(in_p[i]));
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            out_p[i] = static_cast<scalar_t>(static_cast<acc_t>(in_p[i]) * (scale * static_cast<acc_t>(keep[i])));
+          }
         }
       });
     });
