@@ -228,7 +228,8 @@ void project_dropped(const at::Tensor& x2, const at::Tensor& a_t, at::Tensor& z,
           for (int64_t i = 0; i < n; ++i) out_p[i] = static_cast<scalar_t>(static_cast<acc_t>(in_p[i]));
         } else {
           for (int64_t i = 0; i < n; ++i) {
-            out_p[i] = static_cast<scalar_t>(static_cast<acc_t>(in_p[i]) * (scale * static_cast<acc_t>(keep[i])));
+            const acc_t m = scale * static_cast<acc_t>(keep[i]);
+            out_p[i] = static_cast<scalar_t>(static_cast<acc_t>(in_p[i]) * m);
           }
         }
       });
