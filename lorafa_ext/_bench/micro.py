@@ -69,11 +69,8 @@ def _is_oom_text(msg: str) -> bool:
 
 
 def _is_oom(e: BaseException) -> bool:
-    """torch.OutOfMemoryError, or a RuntimeError whose message says the memory ran out."""
-    if isinstance(e, torch.OutOfMemoryError):
-        return True
-    msg = str(e)
-    return "out of memory" in msg.lower() or (isinstance(e, RuntimeError) and _is_oom_text(msg))
+    """torch.OutOfMemoryError, or an error whose message says the memory ran out."""
+    return isinstance(e, torch.OutOfMemoryError) or _is_oom_text(str(e))
 
 
 def run_case(case: Case, variants: Sequence[str], device, timing: TimingConfig, rotate: int | None = None,
