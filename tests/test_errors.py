@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import make_case, ops, requires_cuda, seed_tensor
+from tests.helpers import make_case, ops, ops_for, requires_cuda, seed_tensor
 
 ERR = (RuntimeError, ValueError)
 
@@ -13,15 +13,16 @@ def _good(device="cpu", dtype="fp32", lora_dtype=None):
     return make_case(4, 9, 5, 2, dtype, lora_dtype, device=device, seed=1)
 
 
-def _both(c, p=0.0, seed=None):
+def _both(device, c, p=0.0, seed=None):
     """Call the forward op and the autograd entry point with the same (bad) arguments."""
+    ops = ops_for(device)
     args = (c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scaling"], p)
     yield lambda: ops.linear_forward(*args, seed)
     yield lambda: ops.linear(*args, False, 1 if p else None)
 
 
-def _expect(c, match, p=0.0, seed=None):
-    for call in _both(c, p, seed):
+def _expect(device, c, match, p=0.0, seed=None):
+    for call in _both(device, c, p, seed):
         with pytest.raises(ERR, match=match):
             call()
 
@@ -29,56 +30,57 @@ def _expect(c, match, p=0.0, seed=None):
 def test_good_inputs_pass(device):
     # the baseline the error cases below perturb
     c = _good(device)
-    for call in _both(c):
+    for call in _both(device, c):
         call()
 
 
 def test_x_rank0(device):
     c = _good(device)
     c["x"] = torch.tensor(1.0, device=device)
-    _expect(c, r"\bx\b")
+    _expect(device, c, r"\bx\b")
 
 
 @pytest.mark.parametrize("shape", [(5,), (5, 9, 1)])
 def test_weight_not_2d(device, shape):
     c = _good(device)
     c["weight"] = torch.randn(shape, device=device)
-    _expect(c, "weight")
+    _expect(device, c, "weight")
 
 
 def test_in_mismatch_x_weight(device):
     c = _good(device)
     c["x"] = torch.randn(4, 8, device=device)  # weight and lora_a agree on in = 9
-    _expect(c, r"weight|\bx\b")
+    _expect(device, c, r"weight|\bx\b")
     c["x"] = torch.randn(2, 2, 10, device=device)
-    _expect(c, r"weight|\bx\b")
+    _expect(device, c, r"weight|\bx\b")
 
 
 def test_in_mismatch_lora_a(device):
     c = _good(device)
     c["lora_a"] = torch.randn(2, 8, device=device)
-    _expect(c, "lora_a")
+    _expect(device, c, "lora_a")
 
 
 @pytest.mark.parametrize("shape", [(6, 2), (5, 3), (5,), (2, 5)])
 def test_lora_b_shape(device, shape):
     c = _good(device)
     c["lora_b"] = torch.randn(shape, device=device)
-    _expect(c, "lora_b")
+    _expect(device, c, "lora_b")
 
 
 @pytest.mark.parametrize("shape", [(4,), (6,), (1, 5), ()])
 def test_bias_shape(device, shape):
     c = _good(device)
     c["bias"] = torch.randn(shape, device=device)
-    _expect(c, "bias")
+    _expect(device, c, "bias")
 
 
 def test_rank_zero(device):
+    ops = ops_for(device)
     c = _good(device)
     c["lora_a"] = torch.randn(0, 9, device=device)
     c["lora_b"] = torch.randn(5, 0, device=device)
-    _expect(c, r"lora_a|lora_b|rank|\br\b")
+    _expect(device, c, r"lora_a|lora_b|rank|\br\b")
     with pytest.raises(ERR, match=r"lora_a|rank|\br\b"):
         ops.gram_inverse(c["lora_a"], 1e-6)
 
@@ -87,13 +89,13 @@ def test_rank_zero(device):
 def test_x_weight_dtype_mismatch(device, wdtype):
     c = _good(device)
     c["weight"] = c["weight"].to(wdtype)
-    _expect(c, "weight")
+    _expect(device, c, "weight")
 
 
 def test_bias_dtype_mismatch(device):
     c = _good(device)
     c["bias"] = c["bias"].to(torch.float16)
-    _expect(c, "bias")
+    _expect(device, c, "bias")
 
 
 @pytest.mark.parametrize(
@@ -110,13 +112,13 @@ def test_lora_dtype(device, xdtype, adtype, bdtype):
     c = _good(device, xdtype)
     c["lora_a"] = c["lora_a"].to(adtype)
     c["lora_b"] = c["lora_b"].to(bdtype)
-    _expect(c, "lora")
+    _expect(device, c, "lora")
 
 
 def test_allowed_lora_dtypes_pass(device):
     for xdtype in ("fp16", "bf16"):
         for ldtype in (xdtype, "fp32"):
-            for call in _both(_good(device, xdtype, ldtype)):
+            for call in _both(device, _good(device, xdtype, ldtype)):
                 call()
 
 
@@ -125,10 +127,10 @@ def test_allowed_lora_dtypes_pass(device):
 def test_mismatched_devices(name):
     c = _good("cuda")
     c[name] = c[name].cpu()
-    _expect(c, name + "|device")
+    _expect(device, c, name + "|device")
     c = _good("cpu")
     c[name] = c[name].cuda()
-    _expect(c, name + "|device")
+    _expect(device, c, name + "|device")
 
 
 @requires_cuda
@@ -140,9 +142,10 @@ def test_seed_on_wrong_device():
 
 @pytest.mark.parametrize("scaling", [float("inf"), float("-inf"), float("nan")])
 def test_scaling_not_finite(device, scaling):
+    ops = ops_for(device)
     c = _good(device)
     c["scaling"] = scaling
-    _expect(c, "scaling")
+    _expect(device, c, "scaling")
     dy = torch.randn(4, 5, device=device)
     z = torch.randn(4, 2, device=device)
     with pytest.raises(ERR, match="scaling"):
@@ -153,8 +156,9 @@ def test_scaling_not_finite(device, scaling):
 
 @pytest.mark.parametrize("p", [1.0, -0.1])
 def test_dropout_p_out_of_range(device, p):
+    ops = ops_for(device)
     c = _good(device)
-    _expect(c, "dropout_p", p=p, seed=seed_tensor(1, device))
+    _expect(device, c, "dropout_p", p=p, seed=seed_tensor(1, device))
     dy = torch.randn(4, 5, device=device)
     z = torch.randn(4, 2, device=device)
     with pytest.raises(ERR, match="dropout_p"):
@@ -163,6 +167,7 @@ def test_dropout_p_out_of_range(device, p):
 
 
 def test_seed_missing(device):
+    ops = ops_for(device)
     c = _good(device)
     with pytest.raises(ERR, match="seed"):
         ops.linear_forward(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], 1.0, 0.5, None)
@@ -174,12 +179,14 @@ def test_seed_missing(device):
 
 @pytest.mark.parametrize("bad", [torch.tensor(1, dtype=torch.int32), torch.tensor(1.0), torch.tensor([1, 2])])
 def test_seed_bad_tensor(device, bad):
+    ops = ops_for(device)
     c = _good(device)
     with pytest.raises(ERR, match="seed"):
         ops.linear_forward(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], 1.0, 0.5, bad.to(device))
 
 
 def test_linear_backward_shape_errors(device):
+    ops = ops_for(device)
     c = _good(device)
     dy = torch.randn(4, 5, device=device)
     z = torch.randn(4, 2, device=device)
@@ -194,6 +201,7 @@ def test_linear_backward_shape_errors(device):
 
 
 def test_correct_grad_shape_errors(device):
+    ops = ops_for(device)
     g = torch.randn(5, 3, device=device)
     with pytest.raises(ERR, match="gram_inv"):
         ops.correct_grad(g, torch.eye(2, device=device), 1.0)

@@ -1,0 +1,48 @@
+"""The emulated CUDA device of the test suite (README.md here): csrc/'s CUDA backend compiled for the
+CPU, registered as torch.ops.lorafa_emulated with the same schemas as torch.ops.lorafa, on CPU
+tensors. ``load()`` builds (cached) and loads it once per process."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tests.emulator.build import NAMESPACE, build
+
+# The op library's fakes (lorafa_ext.ops), registered for the emulated namespace too.
+_FAKES = {
+    "_linear": "_linear_fake",
+    "linear_forward": "_forward_fake",
+    "linear_backward": "_backward_fake",
+    "gram_inverse": "_gram_inverse_fake",
+    "correct_grad": "_correct_grad_fake",
+    "dropout_mask": "_dropout_mask_fake",
+}
+_loaded = {}
+
+
+def skip_reason():
+    """Why the emulated device does not run in this test session, or None."""
+    if os.environ.get("LORAFA_FORCE_PYTHON") == "1":
+        return "the emulated CUDA device runs in the compiled-backend session (LORAFA_FORCE_PYTHON=1)"
+    if os.environ.get("LORAFA_EMULATOR") == "0":
+        return "LORAFA_EMULATOR=0"
+    return None
+
+
+def load():
+    """torch.ops.lorafa_emulated, built if needed and loaded, with its fakes."""
+    if "ops" not in _loaded:
+        torch.ops.load_library(build())
+        from lorafa_ext import ops as lorafa_ops
+
+        for name, fake in _FAKES.items():
+            torch.library.register_fake(f"{NAMESPACE}::{name}")(getattr(lorafa_ops, fake))
+        _loaded["ops"] = getattr(torch.ops, NAMESPACE)
+    return _loaded["ops"]
+
+
+def control():
+    """torch.ops.lorafa_emulator: set_schedule_seed(seed), set_dry_run(on), launches()."""
+    load()
+    return torch.ops.lorafa_emulator
