@@ -14,7 +14,7 @@ from tests.helpers import DEVICES, HAS_CUDA  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "emulated: runs on the emulated CUDA device (tests/emulator)")
-    config.addinivalue_line("markers", "slow: minutes long; deselected unless LORAFA_SLOW_TESTS=1")
+    config.addinivalue_line("markers", "slow: minutes long; skipped unless LORAFA_SLOW_TESTS=1")
 
 
 @pytest.fixture(autouse=True)

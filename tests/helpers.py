@@ -28,7 +28,6 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
-
 class EmulatedDevice(str):
     """The emulated CUDA device (tests/emulator): the CUDA backend's kernels and host code compiled for
     the CPU. Its tensors are CPU tensors, so to torch it is the string "cpu"; its ops are
@@ -56,10 +55,6 @@ def ops_for(device):
     """The op library that serves ``device``: torch.ops.lorafa, or torch.ops.lorafa_emulated."""
     return emulator.load() if isinstance(device, EmulatedDevice) else ops
 
-
-def is_cuda_device(device):
-    """Whether ``device`` runs the CUDA backend (a GPU or the emulated device)."""
-    return isinstance(device, EmulatedDevice) or torch.device(device).type == "cuda"
 
 DTYPES = {
     "fp64": torch.float64,

@@ -1,5 +1,5 @@
 """The emulated CUDA device of the test suite (README.md here): csrc/'s CUDA backend compiled for the
-CPU, registered as torch.ops.lorafa_emulated with the same schemas as torch.ops.lorafa, on CPU
+CPU (build.py), registered as torch.ops.lorafa_emulated with the same schemas as torch.ops.lorafa, on CPU
 tensors. ``load()`` builds (cached) and loads it once per process: from csrc/, or from the copy named by
 LORAFA_EMULATOR_CSRC in the build folder LORAFA_EMULATOR_BUILD (the planted-bug runs, planted.py)."""
 from __future__ import annotations
@@ -34,7 +34,7 @@ def skip_reason():
 def load():
     """torch.ops.lorafa_emulated, built if needed and loaded, with its fakes."""
     if "ops" not in _loaded:
-        torch.ops.load_library(build(os.environ.get("LORAFA_EMULATOR_CSRC"), os.environ.get("LORAFA_EMULATOR_BUILD")))
+        build(os.environ.get("LORAFA_EMULATOR_CSRC"), os.environ.get("LORAFA_EMULATOR_BUILD"))
         from lorafa_ext import ops as lorafa_ops
 
         for name, fake in _FAKES.items():

@@ -83,7 +83,7 @@ def run(bug, keep=False):
         text = open(path).read()
         assert text.count(bug.old) == 1, f"{bug.name}: the patch's old text is not unique in {bug.path}"
         open(path, "w").write(text.replace(bug.old, bug.new))
-        build_dir = os.path.join(BUILD_ROOT, f"bug_{bug.name}")
+        build_dir = os.path.join(BUILD_ROOT, "planted", bug.name)
         env = _env(csrc, build_dir)
         built = subprocess.run([sys.executable, "-c", "import os; from tests.emulator.build import build; "
                                 "build(os.environ['LORAFA_EMULATOR_CSRC'], os.environ['LORAFA_EMULATOR_BUILD'])"],

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <limits>
 
-#include "../../csrc/cuda/runtime.h"
+#include "cuda/runtime.h"
 #include "emulator.h"
 
 namespace lorafa::cuda {
