@@ -66,7 +66,7 @@ BUGS = [
 
 
 def _env(csrc, build_dir):
-    env = dict(os.environ, LORAFA_EMULATOR_CSRC=csrc, LORAFA_EMULATOR_BUILD=build_dir)
+    env = dict(os.environ, LORAFA_EMULATOR_CSRC=csrc, LORAFA_EMULATOR_BUILD=build_dir, COLUMNS="1000")
     env.pop("LORAFA_FORCE_PYTHON", None)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -90,17 +90,17 @@ def run(bug, keep=False):
                                cwd=ROOT, env=env, capture_output=True, text=True)
         if built.returncode != 0:
             return False, f"the planted copy does not build:\n{built.stdout[-2000:]}{built.stderr[-2000:]}"
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-v", "-p", "no:cacheprovider", *bug.tests],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-v", "-s", "-rf", "-p", "no:cacheprovider", *bug.tests],
                               cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode == 0:
             return False, "its tests passed"
-        failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", proc.stdout, re.M)
+        failed = re.findall(r"^FAILED (.+)$", proc.stdout, re.M)
         if failed:
             return True, failed[0]
-        # a crash (UBSan abort) ends pytest without a summary: name the test it was in
+        # a crash (a UBSan report) ends pytest without a summary: the test it was in, and the report
         last = re.findall(r"^(tests/\S+::.+?)(?: (?:PASSED|FAILED|SKIPPED|ERROR).*)?$", proc.stdout, re.M)
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        return True, (last[-1] if last else "a crash") + " | " + " / ".join(tail)
+        report = re.findall(r"runtime error: .*", proc.stderr)
+        return True, f"{last[-1] if last else 'a crash'} - {report[0] if report else proc.stderr[-300:]}"
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
