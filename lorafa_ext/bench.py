@@ -43,6 +43,8 @@ CPU_HEADLINE = _micro.CPU_HEADLINE
 GPU_HEADLINE = _micro.GPU_HEADLINE
 HEADLINE_KEYS = _micro.HEADLINE_KEYS
 ALL_VARIANTS = tuple(VARIANTS)
+available_variants = _micro.available_variants
+run_sweep = _micro.run_sweep
 SUITES = ("micro", "memory", "e2e")
 DEFAULT_OUT = "bench_out"
 
