@@ -126,9 +126,11 @@ def log(msg: str) -> None:
 
 def child_env(**extra) -> dict:
     """The environment of every child: unbuffered output, the checkout (and this folder, for -p gpu_check)
-    first on the import path."""
+    first on the import path, the interpreter's folder first on PATH."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(HERE), env.get("PYTHONPATH")) if p)
+    # the interpreter's own bin folder first: a virtual environment's ninja (the parallel build) lives there
+    env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH")) if p)
     return env
 
 
@@ -522,10 +524,13 @@ def finish_tests(check: Check, shards: list, out: pathlib.Path, t0: float) -> No
 def sanitizer_exe(dry_run: bool) -> list | None:
     if dry_run:
         return [sys.executable, str(pathlib.Path(__file__).resolve()), "--sanitizer-stand-in"]
-    exe = shutil.which("compute-sanitizer")
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if not exe and home and os.path.exists(os.path.join(home, "bin", "compute-sanitizer")):
-            exe = os.path.join(home, "bin", "compute-sanitizer")
+    nvcc = shutil.which("nvcc")
+    candidates = [shutil.which("compute-sanitizer"), nvcc and os.path.join(os.path.dirname(nvcc), "compute-sanitizer")]
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):  # the toolkit puts it in bin/ and in its own folder
+        if home:
+            candidates += [os.path.join(home, "bin", "compute-sanitizer"),
+                           os.path.join(home, "compute-sanitizer", "compute-sanitizer")]
+    exe = next((c for c in candidates if c and os.path.exists(c)), None)
     return [exe] if exe else None
 
 
