@@ -148,16 +148,44 @@ class Proc:
         self.timed_out = False
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILL to the child's process group, then to every other live process of its session (ninja
+        starts each compile job in a process group of its own), until none is left."""
+        for _ in range(50):
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            members = _session_members(self.popen.pid)
+            for pid in members:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not members:
+                break
+            time.sleep(0.05)
         self.rc = self.popen.wait()
         self.timed_out = True
         log(f"{self.name}: killed at its deadline")
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _session_members(sid: int) -> list:
+    """The live (not zombie) processes of session `sid`, read from /proc (empty where there is none)."""
+    members = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
 
 
 def wait(procs: list) -> None:

@@ -236,14 +236,17 @@ def test_cap_log_keeps_head_and_tail(gc, tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
 def test_deadline_kills_the_whole_process_tree(gc, tmp_path):
-    marker = tmp_path / "grandchild_survived"
-    p = gc.Proc("sleeper", ["bash", "-c", f"(sleep 2; touch {marker}) & sleep 60"], tmp_path / "log",
-                dict(os.environ), time.time() + 0.5)
+    """A background grandchild, and one in a process group of its own (as ninja starts compile jobs)."""
+    marker, own_group = tmp_path / "grandchild_survived", tmp_path / "own_group_survived"
+    regroup = f"import os, time; os.setpgid(0, 0); time.sleep(2); open({str(own_group)!r}, 'w')"
+    script = f"(sleep 2; touch {marker}) & {sys.executable} -c \"{regroup}\" & sleep 60"
+    p = gc.Proc("sleeper", ["bash", "-c", script], tmp_path / "log", dict(os.environ), time.time() + 0.5)
     t = time.time()
     gc.wait([p])
     assert p.timed_out and p.popen.returncode is not None and time.time() - t < 20
     time.sleep(3)
     assert not marker.exists(), "the background grandchild outlived the deadline"
+    assert not own_group.exists(), "the grandchild in its own process group outlived the deadline"
 
 
 def test_help():
