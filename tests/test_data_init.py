@@ -351,7 +351,7 @@ def _token_batches(n=3, rows=2, length=9, seed=0):
 
 
 @pytest.mark.parametrize("method", ["gradient", "activation"])
-def test_peft_layers_get_the_same_a_as_lorafa_layers(method):
+def test_peft_layers_get_the_same_a_as_lorafa_layers(method, tmp_path):
     """from_peft layers (with a rank_pattern) and apply_lorafa layers on the same base model and batches:
     the same A; the dict batches go through the default model(**batch).loss."""
     peft = pytest.importorskip("peft")
@@ -376,6 +376,13 @@ def test_peft_layers_get_the_same_a_as_lorafa_layers(method):
         assert not peft_a.requires_grad
         assert peft_a.shape == layer.lora_A.shape == (6 if name.endswith("down_proj") else 4, layer.in_features)
         assert sin_angle(peft_a.detach(), layer.lora_A.detach()) < 1e-4, name
+    # the PeftModel's own save_pretrained carries the new A
+    peft_model.save_pretrained(str(tmp_path))
+    loaded = peft.PeftModel.from_pretrained(_tiny_llama(), str(tmp_path))
+    loaded_layers = {n: m for n, m in loaded.named_modules() if n in peft_layers}
+    assert len(loaded_layers) == len(peft_layers)
+    for name, mod in loaded_layers.items():
+        assert torch.equal(mod.lora_A["default"].weight, peft_layers[name].lora_A["default"].weight), name
 
 
 def test_saved_adapter_reproduces_the_model(tmp_path):
