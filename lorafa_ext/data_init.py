@@ -118,7 +118,7 @@ def _stat_shape(adapter: _Adapter, method: str) -> Tuple[int, int]:
 
 def _stat_bytes(adapter: _Adapter, method: str) -> int:
     rows, cols = _stat_shape(adapter, method)
-    return rows * cols * torch.empty((), dtype=_stat_dtype(adapter)).element_size()
+    return rows * cols * (torch.finfo(_stat_dtype(adapter)).bits // 8)
 
 
 class _Stat:
@@ -295,6 +295,8 @@ def _check_args(model, batches, method, loss_fn, num_batches, max_stat_bytes) ->
             f"init_from_data: batches must be an iterable of batches (a list, a DataLoader), got "
             f"{type(batches).__name__}"
         )
+    if isinstance(batches, Mapping):
+        raise TypeError("init_from_data: batches must be an iterable of batches, got a single dict; wrap it in a list")
     if hasattr(batches, "__len__") and len(batches) == 0:
         raise ValueError("init_from_data: batches is empty; pass at least one batch")
     return method.lower()

@@ -22,7 +22,7 @@ from lorafa_ext.model import apply_lorafa, lorafa_layers, lorafa_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-D_IN, D_HID, D_OUT = 23, 19, 17
+D_IN, D_HID, D_OUT = 23, 19, 21  # layer "0" has out < in, layer "2" out > in
 RANKS = {"0": 3, "2": 5}  # rank_pattern: layer "2" gets r=5, layer "0" the default r=3
 BATCH_ROWS = (7, 5, 9)  # awkward, unequal batch sizes
 PLANTED = torch.tensor([1.0, 0.8, 0.62, 0.45, 0.3, 0.2], dtype=torch.float64)
@@ -268,6 +268,8 @@ def test_errors_name_the_argument():
         init_from_data(model, iter([]), loss_fn=linear_loss)
     with pytest.raises(TypeError, match="batches must be an iterable"):
         init_from_data(model, None)
+    with pytest.raises(TypeError, match="got a single dict"):
+        init_from_data(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)})
     with pytest.raises(ValueError, match="method must be one of"):
         init_from_data(model, batches, "random", loss_fn=linear_loss)
     with pytest.raises(ValueError, match="num_batches must be a positive integer"):
