@@ -19,8 +19,7 @@ from torch import nn
 import lorafa_ext
 from lorafa_ext import init_from_data
 from lorafa_ext.model import apply_lorafa, lorafa_layers, lorafa_parameters
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 D_IN, D_HID, D_OUT = 23, 19, 21  # layer "0" has out < in, layer "2" out > in
 RANKS = {"0": 3, "2": 5}  # rank_pattern: layer "2" gets r=5, layer "0" the default r=3
@@ -416,13 +415,9 @@ def test_saved_adapter_reproduces_the_model(tmp_path):
 # ---------------------------------------------------------------------------------- torch.distributed
 
 _DIST_SCRIPT = r"""
-import importlib.util, sys, torch, torch.distributed as dist
+import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[4])
-spec = importlib.util.spec_from_file_location("data_init_cases", sys.argv[5])
-cases = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cases)
-plain_model, lorafa_model, planted_batches, linear_loss = (
-    cases.plain_model, cases.lorafa_model, cases.planted_batches, cases.linear_loss)
+from tests.test_data_init import plain_model, lorafa_model, planted_batches, linear_loss
 from lorafa_ext import init_from_data
 from lorafa_ext.model import lorafa_layers
 out, port, rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -450,7 +445,7 @@ def test_distributed_ranks_sum_their_statistics(tmp_path):
         port = str(s.getsockname()[1])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [
-        subprocess.Popen([sys.executable, "-c", _DIST_SCRIPT, str(tmp_path), port, str(rank), ROOT, __file__],
+        subprocess.Popen([sys.executable, "-c", _DIST_SCRIPT, str(tmp_path), port, str(rank), ROOT],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in range(2)
     ]
