@@ -34,6 +34,7 @@ call it on every rank, before wrapping the model in DDP or FSDP.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -205,14 +206,12 @@ def _collect(model, group, method, batches, num_batches, loss_fn) -> int:
     try:
         for stat in group:
             handles.append(stat.adapter.module.register_forward_hook(hook(stat)))
+            if method == "gradient":
+                stat.adapter.lora_b.requires_grad_(True)  # puts the layer's output on the autograd graph
         seen = 0
-        for batch in batches:
-            if num_batches is not None and seen >= num_batches:
-                break
+        for batch in itertools.islice(batches, num_batches):
             if method == "gradient":
                 with torch.enable_grad():
-                    for b, _ in b_flags:  # every output of the group on the autograd graph
-                        b.requires_grad_(True)
                     loss = _check_loss((loss_fn or _default_loss)(model, batch))
                     torch.autograd.grad(loss, [b for b, _ in b_flags], allow_unused=True)
             else:
