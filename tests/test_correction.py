@@ -37,10 +37,8 @@ def a_correlated_rows():
 
 def batches(seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(9, D_IN, generator=g, dtype=torch.float64), torch.randn(9, D_OUT, generator=g, dtype=torch.float64))
-        for _ in range(STEPS)
-    ]
+    f64 = dict(generator=g, dtype=torch.float64)
+    return [(torch.randn(9, D_IN, **f64), torch.randn(9, D_OUT, **f64)) for _ in range(STEPS)]
 
 
 def make_layer(a, correction, eps=1e-6, b=None, seed=2):

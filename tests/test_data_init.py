@@ -5,7 +5,6 @@ PEFT layers and save/load through PEFT; a 2-process gloo run; bad arguments."""
 from __future__ import annotations
 
 import copy
-import math
 import os
 import socket
 import subprocess
