@@ -367,6 +367,8 @@ def junit_counts(path: pathlib.Path):
     except (OSError, ET.ParseError):
         return None
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    if suite is None:
+        return None
     total = int(suite.get("tests", 0))
     failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
     skipped = int(suite.get("skipped", 0))
@@ -425,6 +427,17 @@ def probe_gpu(check: Check, tmp: pathlib.Path, dry_run: bool) -> dict | None:
     return info
 
 
+def cuda_tool(name: str) -> str | None:
+    """A CUDA toolkit program: on PATH, beside nvcc, or in $CUDA_HOME or /usr/local/cuda (bin/, or a
+    folder of its own as the toolkit installs compute-sanitizer)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [shutil.which(name), nvcc and os.path.join(os.path.dirname(nvcc), name)]
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home:
+            candidates += [os.path.join(home, "bin", name), os.path.join(home, name, name)]
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
 def build_command(dry_run: bool) -> list:
     if (ROOT / "setup.py").exists():
         return [sys.executable, "setup.py", "--name"] if dry_run else \
@@ -433,13 +446,12 @@ def build_command(dry_run: bool) -> list:
     return pip + (["--dry-run"] if dry_run else []) + ["-e", "."]
 
 
-def import_check(check: Check, out: pathlib.Path, dry_run: bool) -> str:
+def import_check(check: Check, out: pathlib.Path, tmp: pathlib.Path, dry_run: bool) -> str:
     """Import the library in a child and ask its backend: "cuda" on the GPU (any compiled one in a dry run).
     Returns "ok" or why not; appends what it saw to build.log."""
     p = run_once("import check", [sys.executable, "-c", "import lorafa_ext; print(lorafa_ext.backend())"],
-                 out / "build.import.log", child_env(), PROBE_TIMEOUT_S)
+                 tmp / "import.log", child_env(), PROBE_TIMEOUT_S)
     text = p.text()
-    p.log_path.unlink()
     with open(out / "build.log", "a") as f:
         f.write(f"\n===== import check (exit {p.rc})\n{text}")
     lines = text.strip().splitlines()
@@ -450,10 +462,10 @@ def import_check(check: Check, out: pathlib.Path, dry_run: bool) -> str:
     return "ok"
 
 
-def build(check: Check, out: pathlib.Path, gpu: dict, dry_run: bool, skip: bool) -> bool:
+def build(check: Check, out: pathlib.Path, tmp: pathlib.Path, gpu: dict, dry_run: bool, skip: bool) -> bool:
     t = time.time()
     if skip:
-        status = import_check(check, out, dry_run)
+        status = import_check(check, out, tmp, dry_run)
         check.phase("build", status, time.time() - t, command="none (--skip-build)")
         return status == "ok"
     window = check.window("build")
@@ -470,10 +482,10 @@ def build(check: Check, out: pathlib.Path, gpu: dict, dry_run: bool, skip: bool)
     elf = []
     with open(build_log, "a") as f:
         f.write(f"\n===== build: exit {p.rc}, timed out: {p.timed_out}, environment: {extra}\n")
-        nvcc = shutil.which("nvcc")
+        nvcc = cuda_tool("nvcc")
         if nvcc:
             f.write(subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout)
-        cuobjdump = shutil.which("cuobjdump")
+        cuobjdump = cuda_tool("cuobjdump")
         libs = sorted((ROOT / "lorafa_ext").glob("_C*.so"))
         if cuobjdump and libs and not dry_run:  # the machine code the library holds: sm_90 alone on an H200
             listing = subprocess.run([cuobjdump, "--list-elf", str(libs[-1])], capture_output=True, text=True,
@@ -483,7 +495,7 @@ def build(check: Check, out: pathlib.Path, gpu: dict, dry_run: bool, skip: bool)
     cap_log(build_log)
     status = _proc_status(p)
     if status == "ok":
-        status = import_check(check, out, dry_run)
+        status = import_check(check, out, tmp, dry_run)
     check.phase("build", status, time.time() - t, arch=extra.get("TORCH_CUDA_ARCH_LIST"), elf=elf,
                 max_jobs=int(extra["MAX_JOBS"]), command=" ".join(cmd[1:]))
     return status == "ok"
@@ -513,7 +525,7 @@ def start_tests(check: Check, tmp: pathlib.Path, paths: list, dry_run: bool, sec
     return procs
 
 
-def finish_tests(check: Check, shards: list, out: pathlib.Path, t0: float) -> None:
+def finish_tests(check: Check, shards: list, out: pathlib.Path, t0: float, dry_run: bool) -> None:
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     status, selected, collected, ran = "ok", None, None, 0
     with open(out / "tests.log", "w") as tests_log:
@@ -544,6 +556,8 @@ def finish_tests(check: Check, shards: list, out: pathlib.Path, t0: float) -> No
         status = "failed (no test selected)"
     if status == "ok" and counts["failed"]:
         status = f"failed ({counts['failed']} failed)"
+    if status == "ok" and not dry_run and counts["skipped"] and not counts["passed"]:
+        status = "failed (every CUDA test skipped: the test processes saw no GPU)"
     check.record["tests"] = counts
     check.phase("tests", status, time.time() - t0, selected=selected, ran=ran, collected=collected,
                 shards=len(shards))
@@ -552,13 +566,7 @@ def finish_tests(check: Check, shards: list, out: pathlib.Path, t0: float) -> No
 def sanitizer_exe(dry_run: bool) -> list | None:
     if dry_run:
         return [sys.executable, str(pathlib.Path(__file__).resolve()), "--sanitizer-stand-in"]
-    nvcc = shutil.which("nvcc")
-    candidates = [shutil.which("compute-sanitizer"), nvcc and os.path.join(os.path.dirname(nvcc), "compute-sanitizer")]
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):  # the toolkit puts it in bin/ and in its own folder
-        if home:
-            candidates += [os.path.join(home, "bin", "compute-sanitizer"),
-                           os.path.join(home, "compute-sanitizer", "compute-sanitizer")]
-    exe = next((c for c in candidates if c and os.path.exists(c)), None)
+    exe = cuda_tool("compute-sanitizer")
     return [exe] if exe else None
 
 
@@ -578,7 +586,8 @@ def start_sanitizer(tmp: pathlib.Path, dry_run: bool, seconds: float) -> dict:
 def finish_sanitizer(check: Check, procs: dict, out: pathlib.Path, t0: float) -> None:
     if not procs:
         check.record["sanitizer_errors"] = None
-        check.phase("sanitizer", "failed (compute-sanitizer not found)", time.time() - t0)
+        check.phase("sanitizer", "failed (compute-sanitizer not found: not on PATH, beside nvcc or in the toolkit)",
+                    time.time() - t0)
         return
     tools, total, statuses = {}, 0, []
     with open(out / "sanitizer.log", "w") as san_log:
@@ -618,7 +627,7 @@ def tests_and_sanitizer(check: Check, out: pathlib.Path, tmp: pathlib.Path, path
     if shards is None:
         check.phase("tests", "skipped (no time left)", 0.0)
     else:
-        finish_tests(check, shards, out, t0)
+        finish_tests(check, shards, out, t0, dry_run)
     if san is None:
         check.phase("sanitizer", "skipped (no time left)", 0.0)
     else:
@@ -808,7 +817,7 @@ def main(argv: list | None = None) -> int:
         if gpu is None:
             check.skip_rest("no GPU")
             return 1
-        if not build(check, out, gpu, args.dry_run, args.skip_build):
+        if not build(check, out, tmp, gpu, args.dry_run, args.skip_build):
             log(f"the build did not succeed, see {out / 'build.log'}")
             check.skip_rest("the build did not succeed")
             return 1

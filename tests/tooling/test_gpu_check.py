@@ -60,6 +60,26 @@ def test_sanitizer_summary(gc, text, errors, summary):
     assert gc.sanitizer_errors(text) == (errors, summary)
 
 
+def test_cuda_tools_are_found_in_the_toolkit(gc, tmp_path, monkeypatch):
+    for rel in ("bin/cuobjdump", "compute-sanitizer/compute-sanitizer"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert gc.cuda_tool("cuobjdump") == str(tmp_path / "bin" / "cuobjdump")
+    assert gc.cuda_tool("compute-sanitizer") == str(tmp_path / "compute-sanitizer" / "compute-sanitizer")
+    assert gc.cuda_tool("no-such-tool") is None
+
+
+def test_junit_counts(gc, tmp_path):
+    path = tmp_path / "junit.xml"
+    path.write_text('<testsuites><testsuite tests="9" failures="1" errors="1" skipped="3"/></testsuites>')
+    assert gc.junit_counts(path) == {"passed": 4, "failed": 2, "skipped": 3}
+    path.write_text("<testsuites><testsuite tests=")  # cut off by a kill
+    assert gc.junit_counts(path) is None
+    assert gc.junit_counts(tmp_path / "missing.xml") is None
+
+
 def test_progress_counts(gc):
     text = ("tests/test_a.py ..s.F [ 10%]\n"  # not a bare progress line: ignored
             "..s.F.x                                                                  [ 50%]\n"
