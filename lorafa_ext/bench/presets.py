@@ -47,7 +47,7 @@ PRESETS = {
                       timing=dict(warmup=1, reps=3, max_reps=3, min_time_s=0.0, max_time_s=2.0)),
         "default": dict(ns=[512, 1024, 2048, 4096], shapes=[(1024, 1024)], ranks=[16], dtypes=["fp32"],
                         compile="none", **_CPU_DEFAULT_MEMORY,
-                        e2e=dict(model="tiny", dtype="fp32", batch=2, seq=64, steps=9, warmup=2,
+                        e2e=dict(model="tiny", dtype="fp32", batch=2, seq=64, steps=7, warmup=1,
                                  grad_ckpt=(False, True), dropouts=(0.0, 0.05)),
                         timing=dict(warmup=2, reps=9, max_reps=30, min_time_s=0.3, max_time_s=15.0)),
         "full": dict(ns=[512, 1024, 2048, 4096, 8192], shapes=[(1024, 1024), (1024, 2752), (2752, 1024)],
