@@ -296,7 +296,6 @@ def bench_child(rows_path: str, sweep: str) -> int:
     import torch
 
     from lorafa_ext import bench as lbench
-    from lorafa_ext._bench import micro
 
     def emit(item):
         with open(rows_path, "a") as f:
@@ -307,11 +306,11 @@ def bench_child(rows_path: str, sweep: str) -> int:
     emit({"headline": headline, "rows": rows, "notes": notes})
     cases = {"none": [], "quick": lbench.gpu_sweep(dtypes=("bf16",), ranks=(16,)), "full": lbench.gpu_sweep()}[sweep]
     timing = lbench.timing_config("cuda", "quick")
-    variants = [v for v in micro.available_variants(lbench.ALL_VARIANTS, []) if not lbench.VARIANTS[v].compiled]
+    variants = [v for v in lbench.available_variants(lbench.ALL_VARIANTS, []) if not lbench.VARIANTS[v].compiled]
     for case in cases:
         if case == lbench.headline_case("cuda"):
             continue
-        res = micro.run_sweep([case], variants, torch.device("cuda"), timing, compile_for=lambda c: False)
+        res = lbench.run_sweep([case], variants, torch.device("cuda"), timing, compile_for=lambda c: False)
         emit({"rows": res["cases"]})
     return 0
 

@@ -25,8 +25,8 @@ _GPU_TIMING = dict(warmup=5, reps=30, max_reps=200, min_time_s=0.3, max_time_s=2
 _GPU_MEMORY = dict(seq_lens=[512, 1024, 2048, 4096, 8192], mem_shape=(4096, 4096), mem_r=16, mem_dtype="bf16")
 _CPU_DEFAULT_MEMORY = dict(seq_lens=[256, 512, 1024, 2048], mem_shape=(1024, 1024), mem_r=16, mem_dtype="fp32")
 
-# "auto" is "default". CPU default: about a minute and a half on 2 cores, with at least 9 interleaved
-# samples of every figure (the headline case's round of 6 variants takes about a second).
+# "auto" is "default". CPU default: about two minutes on 2 idle cores, with at least 9 interleaved
+# samples of every micro figure and 7 of every end-to-end step.
 PRESETS = {
     "cuda": {
         "quick": dict(ns=[512, 2048], shapes=[(1024, 1024)], ranks=[16], dtypes=["bf16"], compile="headline",
