@@ -58,6 +58,56 @@ def _list_of(allowed: Sequence[str], what: str):
     return parse
 
 
+def _micro_options(p: argparse.ArgumentParser) -> None:
+    """--n, --shapes, --ranks, --dtypes, --variants, --compile and the timing."""
+    g = p.add_argument_group("microbenchmarks")
+    g.add_argument("--n", type=_ints, help="rows of x, comma list, e.g. 512,2048,8192")
+    g.add_argument("--shapes", type=_shapes, help="in x out pairs, comma list, e.g. 4096x4096,4096x11008")
+    g.add_argument("--ranks", type=_ints, help="LoRA ranks, comma list, e.g. 8,16,64")
+    g.add_argument("--dtypes", type=_list_of(tuple(DTYPES), "dtype"), help="comma list of bf16, fp16, fp32")
+    g.add_argument("--variants", default=list(ALL_VARIANTS), type=_list_of(ALL_VARIANTS, "variant"),
+                   help="comma list of variants (see below) or all (default)")
+    g.add_argument("--no-bias", action="store_true", help="layers without bias (default: with bias)")
+    g.add_argument("--compile", choices=["none", "headline", "subset", "all"],
+                   help="which cases run the torch.compile'd PEFT variants: none, the headline case, the plot "
+                        "subset (r=16, first shape; the default on a GPU) or all (compiling takes a while)")
+    g.add_argument("--reps", type=int, help="interleaved samples per variant (median of these)")
+    g.add_argument("--warmup", type=int, help="warm-up rounds per case")
+    g.add_argument("--max-case-time", type=float, help="stop sampling a case after this many seconds")
+
+
+def _memory_options(p: argparse.ArgumentParser) -> None:
+    """--seq-lens, --mem-shape."""
+    m = p.add_argument_group("memory")
+    m.add_argument("--seq-lens", type=_ints, help="sequence lengths for saved-activation memory, e.g. 512,1024")
+    m.add_argument("--mem-shape", type=_shapes, help="in x out of the memory layer, e.g. 4096x4096")
+
+
+def _e2e_options(p: argparse.ArgumentParser) -> None:
+    """The end-to-end step: model, batch, methods, settings."""
+    e = p.add_argument_group("end-to-end")
+    e.add_argument("--e2e-model", choices=sorted(_e2e.MODEL_PRESETS), help="model config preset")
+    e.add_argument("--e2e-dtype", choices=["bf16", "fp16", "fp32"], help="model dtype")
+    e.add_argument("--e2e-batch", type=int, help="batch size (a method that runs out of memory is retried at half the batch; the LoRA methods "
+                        "are compared at the largest batch that fits all of them)")
+    e.add_argument("--e2e-seq", type=int, help="sequence length")
+    e.add_argument("--e2e-steps", type=int, help="timed steps per method, interleaved across methods (median)")
+    e.add_argument("--e2e-methods", default=list(_e2e.METHODS), type=_list_of(_e2e.METHODS, "e2e method"),
+                   help=f"comma list of {','.join(_e2e.METHODS)} or all (default)")
+    e.add_argument("--grad-ckpt", choices=["off", "on", "both"], help="gradient checkpointing settings")
+    e.add_argument("--lora-dropouts", type=_floats, help="LoRA dropout settings, e.g. 0,0.05")
+    e.add_argument("--adapter-dtype", choices=["model", "fp32"], default="model",
+                   help="adapters in the model's dtype for every method (default), or fp32 (PEFT's default)")
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    """Plots, progress bar, seed."""
+    o = p.add_argument_group("output")
+    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--seed", type=int, default=0)
+
+
 def build_parser(prog: str = "python -m lorafa_ext.bench", out_help: str | None = None,
                  out_default: str = DEFAULT_OUT) -> argparse.ArgumentParser:
     """The options; benchmarks/ scripts pass their own prog and --out (a results file there)."""
@@ -73,7 +123,7 @@ presets (the sizes used where the options above leave them open):
                r=16, bf16; compiled PEFT on in=out=4096; memory vs seq len 512..8192 at 4096x4096;
                e2e Llama-2-7B shapes, bf16, batch 8 x seq 1024, grad checkpointing off/on, dropout 0/0.05
   GPU full     the whole CUDA sweep: also r in {{8,16,64,128}} and fp16
-  CPU default  fp32, N in {{512..4096}}, 1024x1024, r=16, no torch.compile; tiny Llama e2e (about a minute)
+  CPU default  fp32, N in {{512..4096}}, 1024x1024, r=16, no torch.compile; tiny Llama e2e (about two minutes on 2 idle cores)
   quick        tiny sizes everywhere (smoke test)
 
 variants: {', '.join(ALL_VARIANTS)}
@@ -95,40 +145,8 @@ examples:
                    help="size preset (see below; default: default)")
     p.add_argument("--suites", default=list(SUITES), type=_list_of(SUITES, "suite"),
                    help="comma list of micro,memory,e2e (default: all)")
-    g = p.add_argument_group("microbenchmarks")
-    g.add_argument("--n", type=_ints, help="rows of x, comma list, e.g. 512,2048,8192")
-    g.add_argument("--shapes", type=_shapes, help="in x out pairs, comma list, e.g. 4096x4096,4096x11008")
-    g.add_argument("--ranks", type=_ints, help="LoRA ranks, comma list, e.g. 8,16,64")
-    g.add_argument("--dtypes", type=_list_of(tuple(DTYPES), "dtype"), help="comma list of bf16, fp16, fp32")
-    g.add_argument("--variants", default=list(ALL_VARIANTS), type=_list_of(ALL_VARIANTS, "variant"),
-                   help="comma list of variants (see below) or all (default)")
-    g.add_argument("--no-bias", action="store_true", help="layers without bias (default: with bias)")
-    g.add_argument("--compile", choices=["none", "headline", "subset", "all"],
-                   help="which cases run the torch.compile'd PEFT variants: none, the headline case, the plot "
-                        "subset (r=16, first shape; the default on a GPU) or all (compiling takes a while)")
-    g.add_argument("--reps", type=int, help="interleaved samples per variant (median of these)")
-    g.add_argument("--warmup", type=int, help="warm-up rounds per case")
-    g.add_argument("--max-case-time", type=float, help="stop sampling a case after this many seconds")
-    m = p.add_argument_group("memory")
-    m.add_argument("--seq-lens", type=_ints, help="sequence lengths for saved-activation memory, e.g. 512,1024")
-    m.add_argument("--mem-shape", type=_shapes, help="in x out of the memory layer, e.g. 4096x4096")
-    e = p.add_argument_group("end-to-end")
-    e.add_argument("--e2e-model", choices=sorted(_e2e.MODEL_PRESETS), help="model config preset")
-    e.add_argument("--e2e-dtype", choices=["bf16", "fp16", "fp32"], help="model dtype")
-    e.add_argument("--e2e-batch", type=int, help="batch size (a method that runs out of memory is retried at half the batch; the LoRA methods "
-                        "are compared at the largest batch that fits all of them)")
-    e.add_argument("--e2e-seq", type=int, help="sequence length")
-    e.add_argument("--e2e-steps", type=int, help="timed steps per method, interleaved across methods (median)")
-    e.add_argument("--e2e-methods", default=list(_e2e.METHODS), type=_list_of(_e2e.METHODS, "e2e method"),
-                   help=f"comma list of {','.join(_e2e.METHODS)} or all (default)")
-    e.add_argument("--grad-ckpt", choices=["off", "on", "both"], help="gradient checkpointing settings")
-    e.add_argument("--lora-dropouts", type=_floats, help="LoRA dropout settings, e.g. 0,0.05")
-    e.add_argument("--adapter-dtype", choices=["model", "fp32"], default="model",
-                   help="adapters in the model's dtype for every method (default), or fp32 (PEFT's default)")
-    o = p.add_argument_group("output")
-    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
-    o.add_argument("--seed", type=int, default=0)
+    for add in (_micro_options, _memory_options, _e2e_options, _output_options):
+        add(p)
     return p
 
 

@@ -13,7 +13,6 @@ import torch
 
 from . import stats
 from .failures import free, is_oom_text, status_of, why
-from .presets import sweep  # noqa: F401 - part of this module's interface
 from .progress import NullBar
 from .timing import PASSES, TimingConfig, measure, summarize
 from .variants import (OURS, PEFT_VARIANTS, VARIANTS, Case, build_step, flops, make_sets, peft_available,
