@@ -10,15 +10,8 @@ import torch
 
 from tests.emulator.build import NAMESPACE, build
 
-# The op library's fakes (lorafa_ext.ops), registered for the emulated namespace too.
-_FAKES = {
-    "_linear": "_linear_fake",
-    "linear_forward": "_forward_fake",
-    "linear_backward": "_backward_fake",
-    "gram_inverse": "_gram_inverse_fake",
-    "correct_grad": "_correct_grad_fake",
-    "dropout_mask": "_dropout_mask_fake",
-}
+# The ops whose fakes (lorafa_ext.ops._<op>_fake) are registered for the emulated namespace too.
+_OPS = ["_linear", "linear_forward", "linear_backward", "gram_inverse", "correct_grad", "dropout_mask"]
 _loaded = {}
 
 
@@ -37,8 +30,9 @@ def load():
         build(os.environ.get("LORAFA_EMULATOR_CSRC"), os.environ.get("LORAFA_EMULATOR_BUILD"))
         from lorafa_ext import ops as lorafa_ops
 
-        for name, fake in _FAKES.items():
-            torch.library.register_fake(f"{NAMESPACE}::{name}")(getattr(lorafa_ops, fake))
+        for name in _OPS:
+            fake = getattr(lorafa_ops, f"_{name.lstrip('_')}_fake")
+            torch.library.register_fake(f"{NAMESPACE}::{name}")(fake)
         _loaded["ops"] = getattr(torch.ops, NAMESPACE)
     return _loaded["ops"]
 
