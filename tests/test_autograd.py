@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import _cpu, make_case, make_dy, op_mask, ops, ref_backward, seed_tensor
+from tests.helpers import _cpu, make_case, make_dy, op_mask, ops, ref_backward, seed_tensor
 from lorafa_ext import reference
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lorafa_ext
-from conftest import make_case, make_dy, ops, run_python, seed_tensor
+from tests.helpers import make_case, make_dy, ops, run_python, seed_tensor
 
 OP_NAMES = ["linear", "_linear", "linear_forward", "linear_backward", "gram_inverse", "correct_grad",
             "dropout_mask"]

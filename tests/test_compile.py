@@ -7,7 +7,7 @@ import torch._dynamo
 import torch._dynamo.testing
 from torch import nn
 
-from conftest import assert_matches, make_case, make_dy, op_mask, plain_forward, ref_forward
+from tests.helpers import assert_matches, make_case, make_dy, op_mask, plain_forward, ref_forward
 
 
 class LoraFALinear(nn.Module):
@@ -147,7 +147,7 @@ def test_autocast_bf16(device, backend):
         y_ac = torch.ops.lorafa.linear(*(c[k] for k in ("x", "weight", "bias", "lora_a", "lora_b", "scaling")))
     assert y_ac.dtype == torch.bfloat16
     assert torch.equal(y_ac, y_op), "autocast must cast the inputs to bf16, like F.linear"
-    assert_matches(y_ac, y_plain, y_ref, "y (autocast)", dtype=torch.bfloat16)
+    assert_matches(y_ac, y_plain, y_ref, "y (autocast)", dtype=torch.bfloat16, k=33)
     final_ref = torch.relu(y_ref) * 2.0 + 1.0
     err = (y_c.double().cpu() - final_ref).abs().max().item()
     assert err <= 4 * 2**-8 * final_ref.abs().max().item()

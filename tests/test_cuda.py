@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (
+from tests.helpers import (
     DTYPE_PAIRS,
     HAS_CUDA,
     assert_matches,

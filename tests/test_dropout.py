@@ -9,7 +9,7 @@ import torch
 import json
 
 import lorafa_ext
-from conftest import make_case, make_dy, ops, ref_backward, ref_forward, run_python, seed_tensor
+from tests.helpers import make_case, make_dy, ops, ref_backward, ref_forward, run_python, seed_tensor
 from lorafa_ext import reference
 
 

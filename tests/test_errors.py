@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_case, ops, requires_cuda, seed_tensor
+from tests.helpers import make_case, ops, requires_cuda, seed_tensor
 
 ERR = (RuntimeError, ValueError)
 

@@ -15,7 +15,7 @@ import lorafa_ext
 from lorafa_ext.layers import LoRAFALinear
 from lorafa_ext.model import apply_lorafa, lorafa_layers, lorafa_parameters, merge_and_unload
 
-from conftest import ROOT
+from tests.helpers import ROOT
 
 
 def make_layer(n_in=24, out=12, r=4, alpha=6.0, dtype=torch.float32, bias=True, seed=0, **kw):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_case, make_dy
+from tests.helpers import make_case, make_dy
 from lorafa_ext import reference
 
 M32 = 0xFFFFFFFF

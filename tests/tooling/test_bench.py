@@ -17,16 +17,14 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from tests.helpers import ROOT
 
-from lorafa_ext import bench  # noqa: E402
-from lorafa_ext._bench import e2e as e2e_mod  # noqa: E402
-from lorafa_ext._bench.memory import SavedTensorCounter  # noqa: E402
-from lorafa_ext._bench.report import sanitize, write_json  # noqa: E402
-from lorafa_ext._bench.timing import Step, TimingConfig, measure  # noqa: E402
-from lorafa_ext._bench.variants import VARIANTS, Case  # noqa: E402
+from lorafa_ext import bench
+from lorafa_ext._bench import e2e as e2e_mod
+from lorafa_ext._bench.memory import SavedTensorCounter
+from lorafa_ext._bench.report import sanitize, write_json
+from lorafa_ext._bench.timing import Step, TimingConfig, measure
+from lorafa_ext._bench.variants import VARIANTS, Case
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
