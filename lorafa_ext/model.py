@@ -200,13 +200,17 @@ def apply_lorafa(
         except ValueError as err:
             raise ValueError(f"apply_lorafa: {err}") from None
         check_modules_to_save(model, saved, (m for _, m in matched), where)
-    # Build every new layer before touching the model: a bad rank or alpha leaves it unchanged.
-    new_layers: Dict[int, nn.Module] = {}
+    # Check every layer's arguments, then build the layers: a bad rank or alpha leaves the model unchanged.
+    args = {name: (pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, lora_alpha))
+            for name, _ in matched}
     for name, mod in matched:
-        new_layers[id(mod)] = LoRAFALinear(
-            mod, pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, lora_alpha),
-            lora_dropout, use_rslora, correction, init, eps=eps, adapter_dtype=adapter_dtype, name=name,
-        )
+        LoRAFALinear.check_arguments(mod, *args[name], lora_dropout, init, eps, adapter_dtype,
+                                     f"apply_lorafa: layer {name!r}")
+    new_layers: Dict[int, nn.Module] = {
+        id(mod): LoRAFALinear(mod, *args[name], lora_dropout, use_rslora, correction, init, eps=eps,
+                              adapter_dtype=adapter_dtype, name=name)
+        for name, mod in matched
+    }
     keep = adapter_and_saved_parameters(model)
     model = replace_modules(model, new_layers)
     mark_modules_to_save(m for _, m in saved)

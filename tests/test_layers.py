@@ -418,8 +418,9 @@ def test_layer_bad_arguments():
         LoRAFALinear(nn.Linear(4, 4), 0, 4)
     with pytest.raises(ValueError, match="init must be one of"):
         LoRAFALinear(nn.Linear(4, 4), 2, 4, init="pissa")
-    with pytest.raises(ValueError, match="needs r <= in_features"):
-        LoRAFALinear(nn.Linear(4, 4), 8, 4, init="orthogonal")
+    for r in (4, 8):  # r >= in_features
+        with pytest.raises(ValueError, match=rf"LoRAFALinear: r={r} must be smaller than the layer's in_features=4"):
+            LoRAFALinear(nn.Linear(4, 4), r, 4)
     with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\)"):
         LoRAFALinear(nn.Linear(4, 4), 2, 4, lora_dropout=1.0)
     with pytest.raises(ValueError, match="lora_alpha must be nonzero"):

@@ -442,7 +442,7 @@ def load_adapter(
     # 3. shapes and ranks; build everything new off the model
     use_rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0))
-    plan: List[Tuple[str, nn.Module, int, float, Tensor, Tensor]] = []
+    plan: List[Tuple[str, nn.Module, int, float, Tensor, Tensor]] = []  # name, module, r, alpha, A, B
     for name, slot in grouped.items():
         mod = modules[name]
         a, b = slot["A"], slot["B"]
@@ -466,26 +466,28 @@ def load_adapter(
                 f"{base.out_features}, so lora_A must be ({r}, {base.in_features}) and lora_B "
                 f"({base.out_features}, {r}); got {tuple(a.shape)} and {tuple(b.shape)}"
             )
-        try:
-            check_rank(r, base.in_features, f"load_adapter: layer {name!r}")
-        except ValueError as err:
-            raise AdapterError(str(err)) from None
         if isinstance(mod, LoRAFALinear):
             if mod.r != r:
                 raise AdapterError(f"load_adapter: rank mismatch for {name!r}: the layer has r={mod.r}, the adapter r={r}")
             if mod.merged:
                 raise AdapterError(f"load_adapter: layer {name!r} is merged; unmerge() it before loading an adapter")
-            target = mod
         else:
-            target = LoRAFALinear(mod, r, alpha, dropout, use_rslora, correction, name=name)  # built off the model
-        dev, dt = target.lora_A.device, target.lora_A.dtype
-        plan.append((name, target, r, alpha, a.to(device=dev, dtype=dt), b.to(device=dev, dtype=dt)))
+            try:
+                LoRAFALinear.check_arguments(mod, r, alpha, dropout, where=f"load_adapter: layer {name!r}")
+            except (TypeError, ValueError) as err:
+                raise AdapterError(str(err)) from None
+        plan.append((name, mod, r, alpha, a, b))
 
-    # 4. write (nothing below can fail on a valid plan)
+    # 4. build and write (nothing below can fail on a valid plan)
     keep = adapter_and_saved_parameters(model)
     new_layers = {}
     with torch.no_grad():
-        for name, layer, r, alpha, a, b in plan:
+        for name, mod, r, alpha, a, b in plan:
+            layer = mod if isinstance(mod, LoRAFALinear) else LoRAFALinear(
+                mod, r, alpha, dropout, use_rslora, correction, name=name
+            )
+            a = a.to(device=layer.lora_A.device, dtype=layer.lora_A.dtype)
+            b = b.to(device=layer.lora_B.device, dtype=layer.lora_B.dtype)
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
             layer.lora_alpha = alpha

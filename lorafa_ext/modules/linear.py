@@ -78,27 +78,12 @@ class LoRAFALinear(LoRAFALayer):
         name: Optional[str] = None,
     ) -> None:
         super().__init__()
-        where = "LoRAFALinear" if name is None else f"LoRAFALinear {name!r}"
-        if isinstance(base_layer, LoRAFALayer):
-            raise TypeError(f"{where}: base_layer already has a LoRA-FA adapter")
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"{where}: base_layer must be an nn.Linear, got {type(base_layer).__name__}")
-        check_rank(r, base_layer.in_features, where)
-        check_alpha(lora_alpha, where)
-        check_dropout(lora_dropout, where)
-        check_eps(eps, where)
-        init = check_init(init, where)
+        adapter_dtype = self.check_arguments(
+            base_layer, r, lora_alpha, lora_dropout, init, eps, adapter_dtype,
+            "LoRAFALinear" if name is None else f"LoRAFALinear {name!r}",
+        )
+        init = check_init(init)
         weight = base_layer.weight
-        if not weight.dtype.is_floating_point:
-            raise TypeError(f"{where}: base layer weight must be floating point, got {weight.dtype}")
-        if adapter_dtype is None:
-            adapter_dtype = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
-        if adapter_dtype not in (weight.dtype, torch.float32):
-            raise ValueError(
-                f"{where}: adapter_dtype must be the base layer's dtype ({weight.dtype}) or "
-                f"torch.float32, got {adapter_dtype}"
-            )
-
         self.base_layer = base_layer
         base_layer.weight.requires_grad_(False)
         if base_layer.bias is not None:
@@ -121,6 +106,32 @@ class LoRAFALinear(LoRAFALayer):
         )
         self._init_lorafa(correction, eps)
         self.reset_lora_parameters(init)
+
+    @staticmethod
+    def check_arguments(base_layer, r, lora_alpha, lora_dropout=0.0, init="kaiming", eps=1e-6,
+                        adapter_dtype=None, where="LoRAFALinear") -> torch.dtype:
+        """Check the constructor's arguments (without building anything); returns the adapter dtype.
+        ``where`` starts every error message."""
+        if isinstance(base_layer, LoRAFALayer):
+            raise TypeError(f"{where}: base_layer already has a LoRA-FA adapter")
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{where}: base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        check_rank(r, base_layer.in_features, where)
+        check_alpha(lora_alpha, where)
+        check_dropout(lora_dropout, where)
+        check_eps(eps, where)
+        check_init(init, where)
+        weight = base_layer.weight
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"{where}: base layer weight must be floating point, got {weight.dtype}")
+        if adapter_dtype is None:
+            adapter_dtype = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
+        if adapter_dtype not in (weight.dtype, torch.float32):
+            raise ValueError(
+                f"{where}: adapter_dtype must be the base layer's dtype ({weight.dtype}) or "
+                f"torch.float32, got {adapter_dtype}"
+            )
+        return adapter_dtype
 
     # ---------------------------------------------------------------- LoRAFALayer
 
