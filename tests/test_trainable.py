@@ -6,6 +6,7 @@ the modules to save."""
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import warnings
 
@@ -319,3 +320,39 @@ def test_lorafa_layer_base_is_shared():
     with pytest.raises(TypeError, match="already has a LoRA-FA adapter"):
         LoRAFALinear(ours[0], 2, 4)
     assert isinstance(nn.Linear(2, 2), nn.Module)
+
+
+# ============================================================================== HF Trainer
+
+
+def test_trainer_trains_exactly_lorafa_parameters_and_saves_a_peft_adapter(tmp_path):
+    from torch.utils.data import Dataset
+
+    class Tokens(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = token_ids(1, 12, seed=i)[0]
+            return {"input_ids": ids, "labels": ids}
+
+    base = tiny_llama()
+    pm = from_peft(get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)))
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+        report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no", disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=pm, args=args, train_dataset=Tokens())
+    trainer.train()
+    changed = {n for n, p in pm.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == lorafa_names(pm) and changed and all("lora_B" in n for n in changed)
+    pm.eval()
+    ids = token_ids()
+    with torch.no_grad():
+        y = pm(input_ids=ids).logits
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+    again = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, y, rtol=1e-6, atol=1e-6)
