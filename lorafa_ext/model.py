@@ -32,7 +32,7 @@ __all__ = [
     "merge_adapters",
     "unmerge_adapters",
     "merge_and_unload",
-    "modules_to_save",
+    "saved_modules",
     "mark_modules_to_save",
     "replace_modules",
     "freeze_all_but",
@@ -54,7 +54,7 @@ def _peft_saved_module_type():
     return getattr(other, "AuxiliaryTrainingWrapper", None) or getattr(other, "ModulesToSaveWrapper", None)
 
 
-def modules_to_save(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+def saved_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     """(name, module) of every module trained in full: those given to ``apply_lorafa`` /
     ``load_adapter`` as ``modules_to_save`` and PEFT's ModulesToSaveWrapper modules."""
     peft_type = _peft_saved_module_type()
@@ -83,7 +83,7 @@ def adapter_and_saved_parameters(model: nn.Module) -> List[nn.Parameter]:
     params: List[nn.Parameter] = []
     seen = set()
     groups = [mod.adapter_parameters() for mod in model.modules() if isinstance(mod, LoRAFALayer)]
-    groups += [mod.parameters() for _, mod in modules_to_save(model)]
+    groups += [mod.parameters() for _, mod in saved_modules(model)]
     for group in groups:
         for p in group:
             if p.requires_grad and id(p) not in seen:
@@ -199,7 +199,7 @@ def apply_lorafa(
             saved = match_modules_to_save(model, modules_to_save)
         except ValueError as err:
             raise ValueError(f"apply_lorafa: {err}") from None
-        check_modules_to_save(model, saved, (m for _, m in matched), where)
+    check_modules_to_save(model, list(saved_modules(model)) + saved, [m for _, m in matched], where)
     # Check every layer's arguments, then build the layers: a bad rank or alpha leaves the model unchanged.
     args = {name: (pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, lora_alpha))
             for name, _ in matched}

@@ -29,7 +29,7 @@ from ..model import (
     freeze_all_but,
     lorafa_layers,
     mark_modules_to_save,
-    modules_to_save,
+    saved_modules,
     replace_modules,
 )
 from ..modules.base import ActiveAdapter, LoRAFALayer, check_dropout, check_eps, check_rank, is_plain_tensor
@@ -144,7 +144,7 @@ def save_adapter(
     for name, layer in layers:
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = _to_cpu(layer.lora_A)
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _to_cpu(layer.lora_B)
-    saved = list(modules_to_save(model))
+    saved = list(saved_modules(model))
     for name, mod in saved:
         for key, value in mod.state_dict().items():
             tensors[f"{PEFT_PREFIX}{name}.{key}"] = _to_cpu(value)
@@ -362,7 +362,8 @@ def _plan_modules_to_save(model, modules, config, saved_state, adapted) -> List[
     if missing:
         raise AdapterError(f"load_adapter: modules_to_save {entries!r} selects modules with no weights in the adapter: {missing[:5]}")
     try:
-        check_modules_to_save(model, [(n, modules[n]) for n in saved_state], adapted, "load_adapter")
+        saved = list(saved_modules(model)) + [(n, modules[n]) for n in saved_state]
+        check_modules_to_save(model, saved, adapted, "load_adapter")
     except ValueError as err:
         raise AdapterError(str(err)) from None
     return plan
