@@ -356,3 +356,38 @@ def test_trainer_trains_exactly_lorafa_parameters_and_saves_a_peft_adapter(tmp_p
     again = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, y, rtol=1e-6, atol=1e-6)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        ids = token_ids(1, 12, seed=i)[0]
+        return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("path", ["from_peft", "apply_lorafa"])
+def test_trainer_resume_from_checkpoint_continues_bit_for_bit(tmp_path, path):
+    def make():
+        if path == "from_peft":
+            return from_peft(get_peft_model(tiny_llama(), LoraConfig(
+                r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.1)))
+        return apply_lorafa(tiny_llama(), TARGETS, 4, 8, lora_dropout=0.1)
+
+    def train(model, out, resume=None, save_steps=None):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / out), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+            report_to=[], use_cpu=True, logging_strategy="no", disable_tqdm=True, seed=0,
+            save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        )
+        transformers.Trainer(model=model, args=args, train_dataset=_Tokens()).train(resume_from_checkpoint=resume)
+        return model
+
+    straight = train(make(), "straight")
+    train(make(), "interrupted", save_steps=2)
+    resumed = train(make(), "resumed", resume=str(tmp_path / "interrupted" / "checkpoint-2"))
+    trained = lorafa_names(straight)
+    assert trained and trained == lorafa_names(resumed)
+    for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), name
