@@ -53,6 +53,7 @@ from .layers import LoRAFALinear  # noqa: E402
 from .model import apply_lorafa, lorafa_layers, lorafa_parameters, merge_and_unload  # noqa: E402
 from .ops import correct_grad, dropout_mask, gram_inverse, linear, linear_backward, linear_forward  # noqa: E402
 from .peft_compat import AdapterError, from_peft, load_adapter, save_adapter  # noqa: E402
+from .data_init import init_from_data  # noqa: E402
 
 __all__ = [
     "backend",
@@ -71,4 +72,5 @@ __all__ = [
     "load_adapter",
     "from_peft",
     "AdapterError",
+    "init_from_data",
 ]
