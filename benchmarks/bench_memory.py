@@ -3,16 +3,14 @@
 with saved_tensors_hooks, parameters excluded) against sequence length, and (CUDA) the peak memory of
 one forward+backward.
 
-    python benchmarks/bench_memory.py [--seq-lens 512,1024,2048] [--mem-shape 4096x4096] [--out DIR]
+    python benchmarks/bench_memory.py [--seq-lens 512,1024,2048] [--mem-shape 4096x4096] [--out FILE]
 
-Writes DIR/results.json, DIR/results.md and DIR/saved_memory_vs_seqlen.png. Our layer saves only
+Writes one results file, bench_out/bench_memory.json by default (--out FILE). Our layer saves only
 z = drop(x) A^T (N x r); PEFT's LoRA layer also saves x (N x in), and with dropout its dropped copy.
 """
 import sys
 
-import _common  # noqa: F401
-
-from lorafa_ext.bench import main
+import _common
 
 if __name__ == "__main__":
-    sys.exit(main(defaults=["--suites", "memory", "--out", "bench_out/memory"], prog="benchmarks/bench_memory.py"))
+    sys.exit(_common.run_suite(__file__, "memory"))

@@ -1,8 +1,10 @@
 """lorafa_ext: fast, memory-frugal LoRA-FA for PyTorch.
 
-``import lorafa_ext`` registers the ``torch.ops.lorafa`` ops: from the compiled library when it is
-present, else (or when ``LORAFA_FORCE_PYTHON=1``) from a pure-PyTorch fallback with the same schemas.
-Importing never initialises CUDA.
+``import lorafa_ext`` loads one backend of the ``torch.ops.lorafa`` ops: the compiled library
+(``lorafa_ext._C``, whose static initialisers register everything) when it is present, else (or when
+``LORAFA_FORCE_PYTHON=1``) the pure-PyTorch backend (``lorafa_ext.python_backend``), which registers
+the same schemas, kernels, composite and autograd. Then ``lorafa_ext.ops`` registers the fake kernels
+for whichever was loaded. Importing never initialises CUDA.
 """
 from __future__ import annotations
 
@@ -12,15 +14,10 @@ import warnings
 
 import torch
 
-from . import ops
-
 __version__ = "0.1.0"
-
-_LIB = None  # keeps the fallback's torch.library.Library alive
 
 
 def _load_backend() -> str:
-    global _LIB
     forced = os.environ.get("LORAFA_FORCE_PYTHON", "0") == "1"
     if not forced and importlib.util.find_spec(f"{__name__}._C") is not None:
         try:
@@ -28,21 +25,20 @@ def _load_backend() -> str:
 
             return "compiled"
         except ImportError as err:  # present but not loadable: say why, then fall back
-            warnings.warn(f"lorafa_ext: compiled library failed to load ({err}); using the Python fallback")
-    from . import _fallback
+            warnings.warn(f"lorafa_ext: compiled library failed to load ({err}); using the Python backend")
+    from . import python_backend
 
-    _LIB = torch.library.Library("lorafa", "DEF")
-    _fallback.register(_LIB, ops.composite_linear)
+    python_backend.load()
     return "python"
 
 
 _KIND = _load_backend()
-ops.register_common(python_autograd=_KIND == "python")
+from . import ops  # noqa: E402  (registers the fakes of the ops just defined)
 
 
 def backend() -> str:
     """Which implementation serves ``torch.ops.lorafa``: "cuda" (compiled, with CUDA kernels),
-    "cpu" (compiled without CUDA) or "python" (the pure-PyTorch fallback)."""
+    "cpu" (compiled without CUDA) or "python" (the pure-PyTorch backend)."""
     if _KIND == "python":
         return "python"
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("lorafa::_linear", "CUDA")

@@ -1,7 +1,10 @@
-"""Argument checks shared by the fake (meta) kernels and the pure-PyTorch fallback.
+"""Argument checks of the lorafa ops, shared by the fake kernels (lorafa_ext/ops.py) and the Python
+backend's kernels (lorafa_ext/python_backend/kernels.py).
 
-The C++ library performs the same checks with the same wording (csrc/lorafa.h). ``torch._check`` keeps
-them traceable with symbolic shapes.
+csrc/checks.cpp performs the same checks in the same order with the same messages: dtypes as Python
+names them (torch.float32), shapes as tuples, floats as C's %g (tests/test_check_messages.py compares
+the two on every bad input of tests/test_errors.py). ``torch._check`` keeps them traceable with
+symbolic shapes.
 """
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ def _shape(t):
 
 
 def check_scalars(op, scaling, dropout_p):
-    torch._check(math.isfinite(scaling), lambda: f"{op}: scaling must be finite, got {scaling}")
+    torch._check(math.isfinite(scaling), lambda: f"{op}: scaling must be finite, got {scaling:g}")
     torch._check(
-        0.0 <= dropout_p < 1.0, lambda: f"{op}: dropout_p must be in [0, 1), got {dropout_p}"
+        0.0 <= dropout_p < 1.0, lambda: f"{op}: dropout_p must be in [0, 1), got {dropout_p:g}"
     )
 
 
@@ -33,7 +36,7 @@ def check_seed(op, seed, dropout_p, device):
     )
     torch._check(
         seed.device == device,
-        lambda: f"{op}: seed must be on the same device as x ({device}), got {seed.device}",
+        lambda: f"{op}: seed must be on the inputs' device {device}, got {seed.device}",
     )
 
 
@@ -111,7 +114,9 @@ def check_backward(op, grad_y, z, weight, lora_a, lora_b, scaling, dropout_p, se
         z.dtype == torch.promote_types(grad_y.dtype, lora_a.dtype),
         lambda: f"{op}: z must have dtype {torch.promote_types(grad_y.dtype, lora_a.dtype)}, got {z.dtype}",
     )
-    torch._check(z.device == grad_y.device, lambda: f"{op}: z must be on grad_y's device {grad_y.device}")
+    torch._check(
+        z.device == grad_y.device, lambda: f"{op}: z must be on grad_y's device {grad_y.device}, got {z.device}"
+    )
     check_scalars(op, scaling, dropout_p)
     check_seed(op, seed, dropout_p, grad_y.device)
 
@@ -128,7 +133,7 @@ def check_gram_inverse(op, lora_a, eps):
     torch._check(
         lora_a.dtype in FLOAT_DTYPES, lambda: f"{op}: lora_a must be floating-point, got {lora_a.dtype}"
     )
-    torch._check(math.isfinite(eps) and eps >= 0.0, lambda: f"{op}: eps must be finite and >= 0, got {eps}")
+    torch._check(math.isfinite(eps) and eps >= 0.0, lambda: f"{op}: eps must be finite and >= 0, got {eps:g}")
 
 
 def check_correct_grad(op, grad_b, gram_inv, scaling):
@@ -151,13 +156,13 @@ def check_correct_grad(op, grad_b, gram_inv, scaling):
     )
     torch._check(
         math.isfinite(scaling) and scaling != 0.0,
-        lambda: f"{op}: scaling must be finite and nonzero, got {scaling}",
+        lambda: f"{op}: scaling must be finite and nonzero, got {scaling:g}",
     )
 
 
 def check_mask(op, seed, rows, cols, p):
     torch._check(rows >= 0 and cols >= 0, lambda: f"{op}: rows and cols must be >= 0, got ({rows}, {cols})")
-    torch._check(0.0 <= p < 1.0, lambda: f"{op}: p must be in [0, 1), got {p}")
+    torch._check(0.0 <= p < 1.0, lambda: f"{op}: p must be in [0, 1), got {p:g}")
     torch._check(
         seed.dtype == torch.int64 and seed.numel() == 1,
         lambda: f"{op}: seed must be a one-element int64 tensor, got {seed.dtype} of shape {_shape(seed)}",

@@ -148,8 +148,8 @@ def plain_forward(c, mask=None, p=0.0):
     n_in, out = w.shape[1], w.shape[0]
     cd = torch.promote_types(x.dtype, a.dtype)
     x2 = x.reshape(-1, n_in)
-    z = _plain_drop(x2.to(cd), mask, p) @ a.t()
-    low = (z @ bb.t()) * s
+    z = _plain_drop(x2.to(cd), mask, p) @ a.to(cd).t()
+    low = (z @ bb.to(cd).t()) * s
     y = torch.nn.functional.linear(x2, w, b) + low.to(x.dtype)
     return y.reshape(*x.shape[:-1], out), z
 
@@ -159,8 +159,8 @@ def plain_backward(dy, z, c, mask=None, p=0.0):
     out, n_in = w.shape
     cd = torch.promote_types(dy.dtype, a.dtype)
     dy2 = dy.reshape(-1, out)
-    t = dy2.to(cd) @ bb
-    low = _plain_drop((t @ a) * s, mask, p)
+    t = dy2.to(cd) @ bb.to(cd)
+    low = _plain_drop((t @ a.to(cd)) * s, mask, p)
     dx = ((dy2 @ w).to(cd) + low).to(dy.dtype)
     d_b = (s * (dy2.to(cd).t() @ z.to(cd))).to(bb.dtype)
     d_bias = dy2.sum(0)

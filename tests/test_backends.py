@@ -1,4 +1,4 @@
-"""The compiled library and the pure-PyTorch fallback: same schemas, same masks, same results."""
+"""The compiled library and the pure-PyTorch backend: same schemas, same masks, same results."""
 from __future__ import annotations
 
 import importlib.util
@@ -25,6 +25,10 @@ print(json.dumps({
     "all": sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lorafa::")),
 }))
 """
+
+
+def _lorafa_op_names():
+    return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lorafa::"))
 
 
 def _schemas_here():
@@ -61,15 +65,24 @@ def test_backend_matches_registered_kernels():
         assert has(f"lorafa::{n}", "CUDA") == (lorafa_ext.backend() == "cuda"), n
 
 
-@compiled_only
-def test_schemas_match_fallback():
-    info = json.loads(run_python(SCHEMA_CODE % OP_NAMES, force_python=True))
-    assert info["backend"] == "python"
-    here = _schemas_here()
-    for n in OP_NAMES:
-        assert here[n] == info["schemas"][n], f"{n}:\n  compiled: {here[n]}\n  fallback: {info['schemas'][n]}"
-    mine = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lorafa::"))
-    assert mine == info["all"]
+def test_schemas_match_python_backend():
+    """The schemas of lorafa_ext/python_backend/ops.py are those of csrc/ops.cpp, op for op."""
+    from lorafa_ext.python_backend.ops import SCHEMAS
+
+    parsed = [torch._C.parse_schema("lorafa::" + s) for s in SCHEMAS]
+    python = {s.name: str(s) for s in parsed}
+    if lorafa_ext.backend() != "python":
+        compiled = {n: str(getattr(ops, n.split("::")[1]).default._schema) for n in _lorafa_op_names()}
+    elif importlib.util.find_spec("lorafa_ext._C") is not None:
+        info = json.loads(run_python(SCHEMA_CODE % OP_NAMES))
+        assert info["backend"] != "python"
+        compiled = {"lorafa::" + n: s for n, s in info["schemas"].items()}
+        assert sorted(compiled) == info["all"]
+    else:
+        pytest.skip("lorafa_ext._C is not built")
+    assert sorted(python) == sorted(compiled)
+    for n in compiled:
+        assert python[n] == compiled[n], f"{n}:\n  compiled: {compiled[n]}\n  python:   {python[n]}"
 
 
 def test_documented_schemas():
@@ -133,12 +146,12 @@ def _tol(dtype):
 
 
 @compiled_only
-def test_compiled_cpu_matches_fallback(tmp_path):
+def test_compiled_cpu_matches_python_backend(tmp_path):
     cases = _cases()
     inp, outp = str(tmp_path / "in.pt"), str(tmp_path / "out.pt")
     torch.save(cases, inp)
     assert run_python(COMPUTE_CODE % (inp, outp), force_python=True).strip() == "python"
-    fb = torch.load(outp)
+    python_out = torch.load(outp)
     for i, c in enumerate(cases):
         s = seed_tensor(c["seed"], "cpu")
         p = c["p"]
@@ -154,15 +167,15 @@ def test_compiled_cpu_matches_fallback(tmp_path):
         g = ops.gram_inverse(c["lora_a"], 1e-6)
         mine = dict(y=y, z=z, dx=bw[0], dB=bw[1], db=bw[2], yl=yl.detach(), gx=x.grad, gB=bb.grad, mask=mask,
                     gram=g, cg=ops.correct_grad(bw[1], g, c["scaling"]))
-        assert torch.equal(mine["mask"], fb[i]["mask"]), f"case {i}: dropout masks differ"
+        assert torch.equal(mine["mask"], python_out[i]["mask"]), f"case {i}: dropout masks differ"
         for k, v in mine.items():
             if k == "mask":
                 continue
             rtol, atol = _tol(v.dtype)
             if k in ("gB", "cg"):  # divided by s^2 and multiplied by (A A^T)^-1: a little more slack
-                rtol, atol = 4 * rtol, 4 * atol * max(1.0, fb[i][k].abs().max().item())
-            assert v.dtype == fb[i][k].dtype and v.shape == fb[i][k].shape, f"case {i} {k}"
-            torch.testing.assert_close(v, fb[i][k], rtol=rtol, atol=atol, msg=lambda m: f"case {i} {k}: {m}")
+                rtol, atol = 4 * rtol, 4 * atol * max(1.0, python_out[i][k].abs().max().item())
+            assert v.dtype == python_out[i][k].dtype and v.shape == python_out[i][k].shape, f"case {i} {k}"
+            torch.testing.assert_close(v, python_out[i][k], rtol=rtol, atol=atol, msg=lambda m: f"case {i} {k}: {m}")
 
 
 CUDA_INIT_CODE = """

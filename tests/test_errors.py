@@ -1,4 +1,9 @@
-"""Clear errors that name the offending argument (matched loosely: the wording is the implementer's)."""
+"""Clear errors that name the offending argument.
+
+The bad inputs are data (``bad_inputs``): each is an op of ``torch.ops.lorafa``, its arguments and a
+pattern that the error must match (loosely here: the argument's name). tests/test_check_messages.py
+sends the same inputs through every check layer and requires the same message from each.
+"""
 from __future__ import annotations
 
 import pytest
@@ -7,197 +12,164 @@ import torch
 from tests.helpers import make_case, ops, requires_cuda, seed_tensor
 
 ERR = (RuntimeError, ValueError)
+MASK3 = [True, True, True]
 
 
 def _good(device="cpu", dtype="fp32", lora_dtype=None):
     return make_case(4, 9, 5, 2, dtype, lora_dtype, device=device, seed=1)
 
 
-def _both(c, p=0.0, seed=None):
-    """Call the forward op and the autograd entry point with the same (bad) arguments."""
-    args = (c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scaling"], p)
-    yield lambda: ops.linear_forward(*args, seed)
-    yield lambda: ops.linear(*args, False, 1 if p else None)
+def _args(c):
+    return c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scaling"]
 
 
-def _expect(c, match, p=0.0, seed=None):
-    for call in _both(c, p, seed):
-        with pytest.raises(ERR, match=match):
-            call()
+def _forward_and_linear(cases, name, c, match, p=0.0, seed=None):
+    """The forward op and the autograd entry point with the same (bad) arguments."""
+    cases[f"{name}-linear_forward"] = ("linear_forward", (*_args(c), p, seed), match)
+    cases[f"{name}-linear"] = ("linear", (*_args(c), p, False, 1 if p else None), match)
 
 
-def test_good_inputs_pass(device):
-    # the baseline the error cases below perturb
+def _with(device, **changes):
     c = _good(device)
-    for call in _both(c):
-        call()
+    for k, v in changes.items():
+        c[k] = v(c) if callable(v) else v
+    return c
 
 
-def test_x_rank0(device):
-    c = _good(device)
-    c["x"] = torch.tensor(1.0, device=device)
-    _expect(c, r"\bx\b")
+def bad_inputs(device="cpu"):
+    """{id: (op name, args, pattern the error must match)} for inputs on ``device``."""
+    d = device
+    cases = {}
 
+    def randn(*shape):
+        return torch.randn(shape, device=d)
 
-@pytest.mark.parametrize("shape", [(5,), (5, 9, 1)])
-def test_weight_not_2d(device, shape):
-    c = _good(device)
-    c["weight"] = torch.randn(shape, device=device)
-    _expect(c, "weight")
-
-
-def test_in_mismatch_x_weight(device):
-    c = _good(device)
-    c["x"] = torch.randn(4, 8, device=device)  # weight and lora_a agree on in = 9
-    _expect(c, r"weight|\bx\b")
-    c["x"] = torch.randn(2, 2, 10, device=device)
-    _expect(c, r"weight|\bx\b")
-
-
-def test_in_mismatch_lora_a(device):
-    c = _good(device)
-    c["lora_a"] = torch.randn(2, 8, device=device)
-    _expect(c, "lora_a")
-
-
-@pytest.mark.parametrize("shape", [(6, 2), (5, 3), (5,), (2, 5)])
-def test_lora_b_shape(device, shape):
-    c = _good(device)
-    c["lora_b"] = torch.randn(shape, device=device)
-    _expect(c, "lora_b")
-
-
-@pytest.mark.parametrize("shape", [(4,), (6,), (1, 5), ()])
-def test_bias_shape(device, shape):
-    c = _good(device)
-    c["bias"] = torch.randn(shape, device=device)
-    _expect(c, "bias")
-
-
-def test_rank_zero(device):
-    c = _good(device)
-    c["lora_a"] = torch.randn(0, 9, device=device)
-    c["lora_b"] = torch.randn(5, 0, device=device)
-    _expect(c, r"lora_a|lora_b|rank|\br\b")
-    with pytest.raises(ERR, match=r"lora_a|rank|\br\b"):
-        ops.gram_inverse(c["lora_a"], 1e-6)
-
-
-@pytest.mark.parametrize("wdtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_x_weight_dtype_mismatch(device, wdtype):
-    c = _good(device)
-    c["weight"] = c["weight"].to(wdtype)
-    _expect(c, "weight")
-
-
-def test_bias_dtype_mismatch(device):
-    c = _good(device)
-    c["bias"] = c["bias"].to(torch.float16)
-    _expect(c, "bias")
-
-
-@pytest.mark.parametrize(
-    "xdtype,adtype,bdtype",
-    [
-        ("fp32", torch.float16, torch.float16),  # lora fp16 with fp32 x
-        ("bf16", torch.float16, torch.float16),  # lora fp16 with bf16 x
+    _forward_and_linear(cases, "x_rank0", _with(d, x=torch.tensor(1.0, device=d)), r"\bx\b")
+    for shape in [(5,), (5, 9, 1)]:
+        _forward_and_linear(cases, f"weight_shape{shape}", _with(d, weight=randn(*shape)), "weight")
+    # weight and lora_a agree on in = 9
+    for shape in [(4, 8), (2, 2, 10)]:
+        _forward_and_linear(cases, f"x_shape{shape}", _with(d, x=randn(*shape)), r"weight|\bx\b")
+    _forward_and_linear(cases, "lora_a_in", _with(d, lora_a=randn(2, 8)), "lora_a")
+    for shape in [(6, 2), (5, 3), (5,), (2, 5)]:
+        _forward_and_linear(cases, f"lora_b_shape{shape}", _with(d, lora_b=randn(*shape)), "lora_b")
+    for shape in [(4,), (6,), (1, 5), ()]:
+        _forward_and_linear(cases, f"bias_shape{shape}", _with(d, bias=randn(*shape)), "bias")
+    rank0 = _with(d, lora_a=randn(0, 9), lora_b=randn(5, 0))
+    _forward_and_linear(cases, "rank0", rank0, r"lora_a|lora_b|rank|\br\b")
+    cases["rank0-gram_inverse"] = ("gram_inverse", (rank0["lora_a"], 1e-6), r"lora_a|rank|\br\b")
+    for wdtype in [torch.float16, torch.bfloat16, torch.float64]:
+        c = _with(d, weight=lambda c: c["weight"].to(wdtype))
+        _forward_and_linear(cases, f"weight_dtype_{wdtype}", c, "weight")
+    _forward_and_linear(cases, "bias_dtype", _with(d, bias=lambda c: c["bias"].to(torch.float16)), "bias")
+    for xdtype, adtype, bdtype in [
+        ("fp32", torch.float16, torch.float16),  # fp16 adapters with fp32 x
+        ("bf16", torch.float16, torch.float16),  # fp16 adapters with bf16 x
         ("fp16", torch.bfloat16, torch.bfloat16),
         ("bf16", torch.float32, torch.bfloat16),  # lora_a and lora_b disagree
         ("fp32", torch.float64, torch.float64),  # fp64 adapters with fp32 x
-    ],
-)
-def test_lora_dtype(device, xdtype, adtype, bdtype):
-    c = _good(device, xdtype)
-    c["lora_a"] = c["lora_a"].to(adtype)
-    c["lora_b"] = c["lora_b"].to(bdtype)
-    _expect(c, "lora")
+    ]:
+        c = _good(d, xdtype)
+        c["lora_a"], c["lora_b"] = c["lora_a"].to(adtype), c["lora_b"].to(bdtype)
+        _forward_and_linear(cases, f"lora_dtype_{xdtype}_{adtype}_{bdtype}", c, "lora")
+
+    c = _good(d)
+    dy, z = randn(4, 5), randn(4, 2)
+    params = (c["weight"], c["lora_a"], c["lora_b"])
+    gram_inv = torch.eye(2, device=d)
+    for scaling in [float("inf"), float("-inf"), float("nan")]:
+        _forward_and_linear(cases, f"scaling_{scaling}", _with(d, scaling=scaling), "scaling")
+        cases[f"scaling_{scaling}-linear_backward"] = (
+            "linear_backward", (dy, z, *params, scaling, 0.0, None, MASK3), "scaling")
+        cases[f"scaling_{scaling}-correct_grad"] = ("correct_grad", (c["lora_b"], gram_inv, scaling), "scaling")
+    for p in [1.0, -0.1]:
+        _forward_and_linear(cases, f"dropout_p_{p}", c, "dropout_p", p=p, seed=seed_tensor(1, d))
+        cases[f"dropout_p_{p}-linear_backward"] = (
+            "linear_backward", (dy, z, *params, 1.0, p, seed_tensor(1, d), MASK3), "dropout_p")
+    cases["seed_missing-linear_forward"] = ("linear_forward", (*_args(c), 0.5, None), "seed")
+    cases["seed_missing-linear_backward"] = ("linear_backward", (dy, z, *params, 1.0, 0.5, None, MASK3), "seed")
+    for name, bad in [("int32", torch.tensor(1, dtype=torch.int32)), ("float", torch.tensor(1.0)),
+                      ("two", torch.tensor([1, 2]))]:
+        cases[f"seed_{name}-linear_forward"] = ("linear_forward", (*_args(c), 0.5, bad.to(d)), "seed")
+        cases[f"seed_{name}-dropout_mask"] = ("dropout_mask", (bad.to(d), 4, 9, 0.5), "seed")
+
+    tail = (*params, 1.0, 0.0, None, MASK3)
+    cases["grad_y_shape-linear_backward"] = ("linear_backward", (randn(4, 6), z, *tail), "grad_y")
+    cases["z_rows-linear_backward"] = ("linear_backward", (dy, randn(3, 2), *tail), r"\bz\b")
+    cases["z_rank-linear_backward"] = ("linear_backward", (dy, randn(4, 3), *tail), r"\bz\b")
+    cases["z_dtype-linear_backward"] = ("linear_backward", (dy, z.double(), *tail), r"\bz\b")
+    grad_b = randn(5, 3)
+    cases["gram_inv_shape-correct_grad"] = ("correct_grad", (grad_b, torch.eye(2, device=d), 1.0), "gram_inv")
+    cases["gram_inv_dtype-correct_grad"] = (
+        "correct_grad", (grad_b, torch.eye(3, device=d, dtype=torch.float16), 1.0), "gram_inv")
+    cases["grad_b_rank1-correct_grad"] = ("correct_grad", (randn(5), torch.eye(3, device=d), 1.0), "grad_b")
+    cases["scaling_zero-correct_grad"] = ("correct_grad", (grad_b, torch.eye(3, device=d), 0.0), "scaling")
+    cases["lora_a_rank1-gram_inverse"] = ("gram_inverse", (randn(3), 1e-6), "lora_a")
+    cases["lora_a_int-gram_inverse"] = ("gram_inverse", (torch.ones(2, 3, dtype=torch.int64, device=d), 1e-6),
+                                        "lora_a")
+    cases["eps_negative-gram_inverse"] = ("gram_inverse", (c["lora_a"], -1.0), "eps")
+    cases["rows_negative-dropout_mask"] = ("dropout_mask", (seed_tensor(1, d), -1, 3, 0.5), "rows")
+    cases["p_one-dropout_mask"] = ("dropout_mask", (seed_tensor(1, d), 2, 3, 1.0), r"\bp\b")
+
+    # what only the composite entry point checks
+    frozen = (c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], 1.0)
+    cases["weight_requires_grad-linear"] = (
+        "linear", (frozen[0], frozen[1].clone().requires_grad_(), *frozen[2:]), "weight")
+    cases["lora_a_requires_grad-linear"] = (
+        "linear", (*frozen[:3], frozen[3].clone().requires_grad_(), *frozen[4:]), "lora_a")
+    cases["correction_scaling_zero-linear"] = ("linear", (*frozen[:5], 0.0, 0.0, True), "scaling")
+    return cases
+
+
+def device_bad_inputs():
+    """Like ``bad_inputs``: the inputs that need two devices (CPU and CUDA)."""
+    cases = {}
+    for name in ["weight", "bias", "lora_a", "lora_b"]:
+        for on, other in [("cuda", "cpu"), ("cpu", "cuda")]:
+            c = _good(on)
+            c[name] = c[name].to(other)
+            _forward_and_linear(cases, f"{name}_on_{other}", c, name + "|device")
+    c = _good("cuda")
+    cases["seed_on_cpu-linear_forward"] = ("linear_forward", (*_args(c), 0.5, seed_tensor(1, "cpu")), "seed")
+    dy, z = torch.randn(4, 5, device="cuda"), torch.randn(4, 2, device="cuda")
+    cases["z_on_cpu-linear_backward"] = (
+        "linear_backward", (dy, z.cpu(), c["weight"], c["lora_a"], c["lora_b"], 1.0, 0.0, None, MASK3), r"\bz\b")
+    cases["gram_inv_on_cpu-correct_grad"] = ("correct_grad", (c["lora_b"], torch.eye(2), 1.0), "gram_inv")
+    return cases
+
+
+BAD_INPUT_IDS = sorted(bad_inputs())
+
+
+def _expect(op, args, match):
+    with pytest.raises(ERR, match=match):
+        getattr(ops, op)(*args)
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_IDS)
+def test_bad_input(device, case):
+    _expect(*bad_inputs(device)[case])
+
+
+@requires_cuda
+def test_bad_devices():
+    for op, args, match in device_bad_inputs().values():
+        _expect(op, args, match)
+
+
+def test_good_inputs_pass(device):
+    # the baseline the error cases perturb
+    c = _good(device)
+    ops.linear_forward(*_args(c), 0.0, None)
+    ops.linear(*_args(c))
+    dy, z = torch.randn(4, 5, device=device), torch.randn(4, 2, device=device)
+    ops.linear_backward(dy, z, c["weight"], c["lora_a"], c["lora_b"], 1.0, 0.0, None, MASK3)
+    ops.correct_grad(torch.randn(5, 3, device=device), torch.eye(3, device=device), 1.0)
 
 
 def test_allowed_lora_dtypes_pass(device):
     for xdtype in ("fp16", "bf16"):
         for ldtype in (xdtype, "fp32"):
-            for call in _both(_good(device, xdtype, ldtype)):
-                call()
-
-
-@requires_cuda
-@pytest.mark.parametrize("name", ["weight", "bias", "lora_a", "lora_b"])
-def test_mismatched_devices(name):
-    c = _good("cuda")
-    c[name] = c[name].cpu()
-    _expect(c, name + "|device")
-    c = _good("cpu")
-    c[name] = c[name].cuda()
-    _expect(c, name + "|device")
-
-
-@requires_cuda
-def test_seed_on_wrong_device():
-    c = _good("cuda")
-    with pytest.raises(ERR, match="seed"):
-        ops.linear_forward(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], 1.0, 0.5, seed_tensor(1, "cpu"))
-
-
-@pytest.mark.parametrize("scaling", [float("inf"), float("-inf"), float("nan")])
-def test_scaling_not_finite(device, scaling):
-    c = _good(device)
-    c["scaling"] = scaling
-    _expect(c, "scaling")
-    dy = torch.randn(4, 5, device=device)
-    z = torch.randn(4, 2, device=device)
-    with pytest.raises(ERR, match="scaling"):
-        ops.linear_backward(dy, z, c["weight"], c["lora_a"], c["lora_b"], scaling, 0.0, None, [True, True, True])
-    with pytest.raises(ERR, match="scaling"):
-        ops.correct_grad(c["lora_b"], ops.gram_inverse(c["lora_a"], 1e-6), scaling)
-
-
-@pytest.mark.parametrize("p", [1.0, -0.1])
-def test_dropout_p_out_of_range(device, p):
-    c = _good(device)
-    _expect(c, "dropout_p", p=p, seed=seed_tensor(1, device))
-    dy = torch.randn(4, 5, device=device)
-    z = torch.randn(4, 2, device=device)
-    with pytest.raises(ERR, match="dropout_p"):
-        ops.linear_backward(dy, z, c["weight"], c["lora_a"], c["lora_b"], 1.0, p, seed_tensor(1, device),
-                            [True, True, True])
-
-
-def test_seed_missing(device):
-    c = _good(device)
-    with pytest.raises(ERR, match="seed"):
-        ops.linear_forward(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], 1.0, 0.5, None)
-    dy = torch.randn(4, 5, device=device)
-    z = torch.randn(4, 2, device=device)
-    with pytest.raises(ERR, match="seed"):
-        ops.linear_backward(dy, z, c["weight"], c["lora_a"], c["lora_b"], 1.0, 0.5, None, [True, True, True])
-
-
-@pytest.mark.parametrize("bad", [torch.tensor(1, dtype=torch.int32), torch.tensor(1.0), torch.tensor([1, 2])])
-def test_seed_bad_tensor(device, bad):
-    c = _good(device)
-    with pytest.raises(ERR, match="seed"):
-        ops.linear_forward(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], 1.0, 0.5, bad.to(device))
-
-
-def test_linear_backward_shape_errors(device):
-    c = _good(device)
-    dy = torch.randn(4, 5, device=device)
-    z = torch.randn(4, 2, device=device)
-    args = (c["weight"], c["lora_a"], c["lora_b"], 1.0, 0.0, None, [True, True, True])
-    with pytest.raises(ERR, match="grad_y"):
-        ops.linear_backward(torch.randn(4, 6, device=device), z, *args)
-    with pytest.raises(ERR, match=r"\bz\b"):
-        ops.linear_backward(dy, torch.randn(3, 2, device=device), *args)
-    with pytest.raises(ERR, match=r"\bz\b"):
-        ops.linear_backward(dy, torch.randn(4, 3, device=device), *args)
-    ops.linear_backward(dy, z, *args)  # and the good call passes
-
-
-def test_correct_grad_shape_errors(device):
-    g = torch.randn(5, 3, device=device)
-    with pytest.raises(ERR, match="gram_inv"):
-        ops.correct_grad(g, torch.eye(2, device=device), 1.0)
-    with pytest.raises(ERR, match="grad_b"):
-        ops.correct_grad(torch.randn(5, device=device), torch.eye(3, device=device), 1.0)
-    with pytest.raises(ERR, match="lora_a"):
-        ops.gram_inverse(torch.randn(3, device=device), 1e-6)
+            c = _good(device, xdtype, ldtype)
+            ops.linear_forward(*_args(c), 0.0, None)
+            ops.linear(*_args(c))

@@ -20,11 +20,12 @@ import torch
 from tests.helpers import ROOT
 
 from lorafa_ext import bench
-from lorafa_ext._bench import e2e as e2e_mod
-from lorafa_ext._bench.memory import SavedTensorCounter
-from lorafa_ext._bench.report import sanitize, write_json
-from lorafa_ext._bench.timing import Step, TimingConfig, measure
-from lorafa_ext._bench.variants import VARIANTS, Case
+from lorafa_ext.bench import e2e as e2e_mod
+from lorafa_ext.bench import stats
+from lorafa_ext.bench.memory import SavedTensorCounter
+from lorafa_ext.bench.report import compare_table_rows, e2e_table_rows, plot_e2e, sanitize, write_json
+from lorafa_ext.bench.timing import Step, TimingConfig, measure
+from lorafa_ext.bench.variants import VARIANTS, Case
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -113,7 +114,7 @@ def test_micro_fields(quick_run):
         if r["variant"] != "cublas":
             assert r["fwdbwd_vs_cublas"] > 0
     head = data["micro"]["headline"]
-    assert set(head) == {"shape", *bench.HEADLINE_KEYS}
+    assert set(head) == {"shape", "spread", "noisy", *bench.HEADLINE_KEYS}
     for k in ("fwd_vs_cublas", "fwdbwd_vs_frozen", "fwdbwd_dropout_vs_frozen"):
         assert head[k] > 0
     if HAS_PEFT:
@@ -178,7 +179,7 @@ def test_headline_ratios_api():
     variants = ["cublas", "lorafa", "lorafa_dropout"] + (["peft_lora"] if HAS_PEFT else [])
     head, rows = bench.headline_ratios("cpu", case=Case(64, 32, 48, 4, "fp32", True), variants=variants,
                                        timing=TINY_TIMING)
-    assert set(head) == {"shape", *bench.HEADLINE_KEYS}
+    assert set(head) == {"shape", "spread", "noisy", *bench.HEADLINE_KEYS}
     assert head["fwdbwd_vs_frozen"] > 0 and head["fwdbwd_dropout_vs_frozen"] > 0
     assert head["speedup_vs_peft_compiled"] is None
     assert (head["speedup_vs_peft"] is not None) == HAS_PEFT
@@ -259,13 +260,9 @@ def test_e2e_oom_is_reported_and_batch_reduced(tmp_path):
     assert c["largest_fitting_batch"] == {"full": 1, "lorafa": 4}
     assert c["tokens_per_s"]["full"] is None and c["tokens_per_s"]["lorafa"] > 0
     assert any("full fine-tuning" in n and "fits at batch 1" in n for n in c["notes"])
-    from lorafa_ext._bench.report import compare_table_rows
-
     (row,) = compare_table_rows([c])
     assert "OOM (fits at 1)" in row
     if HAS_MPL:
-        from lorafa_ext._bench.report import plot_e2e
-
         path = plot_e2e(sanitize(res), str(tmp_path / "e2e.png"), "test CPU")
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -302,13 +299,9 @@ def test_e2e_oom_fallback_compares_lora_methods_without_full(tmp_path):
         assert c["saved_ratio_peft_lora_over_lorafa"] > 0
         assert c["goal_mem_met"] is None and c["goal_tokens_met"] is None  # CPU
         assert any("every batch" in n for n in c["notes"])
-    from lorafa_ext._bench.report import compare_table_rows
-
     row = compare_table_rows(res["comparisons"])[0]
     assert "2 (asked 4)" in row and "OOM at every batch" in row
     if HAS_MPL:
-        from lorafa_ext._bench.report import plot_e2e
-
         assert plot_e2e(sanitize(res), str(tmp_path / "e2e.png"), "test CPU")
 
 
@@ -349,18 +342,14 @@ def test_e2e_saved_activations_none_with_grad_ckpt(tmp_path):
     if HAS_PEFT:
         assert off["saved_ratio_peft_lora_over_lorafa"] > 1
         assert on["tokens_ratio_lorafa_over_peft_lora"] > 0
-    from lorafa_ext._bench.report import compare_table_rows, e2e_table_rows
-
     assert compare_table_rows([on])[0][6] == "n/a (ckpt)"
-    assert all(row[8] == "n/a" for row, r in zip(e2e_table_rows(res["rows"]), res["rows"]) if r["grad_ckpt"])
+    assert all(row[10] == "n/a" for row, r in zip(e2e_table_rows(res["rows"]), res["rows"]) if r["grad_ckpt"])
     if HAS_MPL:
-        from lorafa_ext._bench.report import plot_e2e
-
         assert plot_e2e(sanitize(res), str(tmp_path / "e2e.png"), "test CPU")
 
 
 def test_oom_detection_and_free_never_raises(monkeypatch):
-    from lorafa_ext._bench.micro import _free, _is_oom
+    from lorafa_ext.bench.failures import free as _free, is_oom as _is_oom
 
     assert _is_oom(torch.OutOfMemoryError("x"))
     assert _is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
@@ -435,3 +424,104 @@ def test_gpu_quick_run_is_well_formed(tmp_path):
         rows = data["e2e"]["rows"]
         assert any(r["method"] == "lorafa" and r["status"] == "ok" for r in rows)
         assert all(r["peak_mem_gib"] > 0 for r in rows if r["status"] == "ok")
+
+
+# ------------------------------------------------------------------ honest figures
+
+
+def test_stats_spread_and_noisy_rule():
+    xs = [1.0, 2.0, 3.0, 4.0, 5.0]  # inclusive quartiles 2 and 4, median 3
+    assert stats.rel_iqr(xs) == pytest.approx(2.0 / 3.0)
+    assert stats.rel_iqr([7.0]) is None
+    r, s = stats.paired_ratio([2.0, 4.0, 6.0, 8.0, 10.0], [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert r == pytest.approx(2.0) and s == pytest.approx(0.0)  # drift common to both cancels
+    assert stats.combined_spread(0.03, 0.04) == pytest.approx(0.05)
+    assert not stats.is_noisy(0.05, stats.MIN_SAMPLES)
+    assert stats.is_noisy(0.05, stats.MIN_SAMPLES - 1)  # too few samples
+    assert stats.is_noisy(stats.NOISY_SPREAD * 1.01, 100)
+    assert stats.is_noisy(None, 100)
+
+
+def test_measure_warms_up_and_interleaves():
+    """Warm-up of every variant first, then one sample of each per round, the order rotating."""
+    calls = []
+    x = torch.randn(4, 3, requires_grad=True)
+
+    def step(name):
+        def fwd(k):
+            calls.append(name)
+            return x * 2
+
+        return Step(fwd, lambda k: [x], lambda k: torch.ones(4, 3))
+
+    cfg = TimingConfig(warmup=2, reps=4, max_reps=4, min_time_s=0.0, max_time_s=60.0)
+    samples, failures = measure({"a": step("a"), "b": step("b"), "c": step("c")}, torch.device("cpu"), cfg)
+    assert not failures and all(len(s) == 4 for s in samples.values())
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up
+    rounds = [calls[6 + 3 * i: 9 + 3 * i] for i in range(4)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+def test_noisy_ratios_are_marked_in_tables():
+    from lorafa_ext.bench.report import headline_rows, summary_rows
+
+    row = {"case": "c", "variant": "lorafa", "label": "lorafa", "fwdbwd_us": 10.0, "fwdbwd_tflop_per_s": 1.0,
+           "fwd_vs_cublas": 1.5, "fwdbwd_vs_cublas": 1.2, "noisy": ["fwdbwd_vs_cublas"]}
+    base = {"case": "c", "variant": "cublas", "label": "F.linear", "fwdbwd_us": 8.0, "noisy": []}
+    (line,) = summary_rows([base, row])
+    assert line[4] == "1.50x" and line[5] == "~1.20x"
+    head = {"shape": "s", "fwd_vs_cublas": 1.5, "fwdbwd_vs_frozen": 1.2, "spread": {"fwdbwd_vs_frozen": 0.3},
+            "noisy": ["fwdbwd_vs_frozen"]}
+    cells = {r[0]: r for r in headline_rows(head)}
+    assert cells["fwd_vs_cublas"][1] == "1.50x" and cells["fwdbwd_vs_frozen"][1:3] == ["~1.20x", "30.0%"]
+
+
+def test_micro_rows_have_spreads_and_flag_few_samples(quick_run):
+    out, _ = quick_run
+    data = _strict_load(out / "results.json")
+    for r in data["micro"]["cases"]:
+        assert r["samples"] < stats.MIN_SAMPLES  # the quick preset takes 3 samples: every figure is noisy
+        assert "fwdbwd_us" in r["noisy"]
+        if r["variant"] != "cublas":
+            assert "fwdbwd_vs_cublas" in r["noisy"] and r["fwdbwd_vs_cublas_spread"] is not None
+    assert "~" in (out / "results.md").read_text()
+
+
+@needs_transformers
+def test_e2e_methods_timed_side_by_side():
+    methods = ("full", "lorafa") + (("peft_lora",) if HAS_PEFT else ())
+    cfg = _e2e_cfg(batch=2, steps=3, methods=methods, grad_ckpt=(False, True))
+    res = e2e_mod.run_e2e(cfg, torch.device("cpu"))
+    rows = [r for r in res["rows"] if r["status"] == "ok"]
+    assert len({r["timing_group"] for r in rows}) == 1  # one batch: every setting in one interleaved group
+    for r in rows:
+        assert r["samples"] == 3 and len(r["step_samples_ms"]) == 3
+        assert r["step_ms"] == pytest.approx(sorted(r["step_samples_ms"])[1])
+        assert r["tokens_per_s"] == pytest.approx(2 * cfg.seq / (r["step_ms"] / 1e3))
+        assert "tokens_per_s" in r["noisy"]  # 3 samples are too few to support a figure
+    for c in res["comparisons"]:
+        if HAS_PEFT:
+            assert "tokens_ratio_lorafa_over_peft_lora" in c["noisy"]
+            assert "~" in compare_table_rows([c])[0][7]
+
+
+def test_public_api_for_the_gpu_check():
+    """What benchmarks/gpu_check.py uses, importable from lorafa_ext.bench itself."""
+    cases = bench.gpu_sweep(dtypes=("bf16",), ranks=(16,))
+    assert len(cases) == 16 and all(c.dtype == "bf16" and c.r == 16 for c in cases)
+    assert len(bench.gpu_sweep()) == 4 * 4 * 4 * 2
+    assert bench.timing_config("cuda", "quick").reps == 10
+    assert bench.headline_case("cuda") == Case(8192, 4096, 4096, 16, "bf16", True)
+    assert all(isinstance(bench.VARIANTS[v].compiled, bool) for v in bench.ALL_VARIANTS)
+    assert set(bench.available_variants(bench.ALL_VARIANTS, [])) <= set(bench.ALL_VARIANTS)
+    assert callable(bench.run_sweep) and callable(bench.headline_ratios)
+    assert bench.HEADLINE_TARGETS["fwd_vs_cublas"] == "<= 1.05"
+    assert set(bench.HEADLINE_TARGETS) == set(bench.HEADLINE_KEYS)
+
+
+def test_importing_the_tooling_sets_no_environment_variable():
+    code = ("import os; before = dict(os.environ); import lorafa_ext.bench, lorafa_ext.experiments.genre; "
+            "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "[]"

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .micro import _is_oom, _why
+from .failures import free, status_of
 from .progress import NullBar
 from .variants import VARIANTS, Case, build_step, make_sets
 
@@ -113,11 +113,9 @@ def run_memory(cases: Sequence[Case], variants: Sequence[str], device, bar=None,
             try:
                 rows.append(layer_memory(case, v, device))
             except Exception as e:  # noqa: BLE001 - one failing variant must not end the run
-                err = "OOM" if _is_oom(e) else _why(e)
+                err = status_of(e)
             if err is not None:
                 skipped.append({"case": case.label, "variant": v, "reason": err})
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free(device)
         bar.update(1)
     return {"cases": rows, "skipped": skipped}

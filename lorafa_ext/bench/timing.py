@@ -13,19 +13,22 @@ the backward), so one run gives forward, backward and forward+backward times tha
 * CPU: ``time.perf_counter_ns`` around each part, Python's garbage collector off while sampling.
   Operations on the CPU are synchronous, so wall time is the op's time.
 
-All variants are measured side by side: every round runs one sample of each variant, in an order
-that rotates from round to round, so drift (clocks, thermal state, other processes) hits every
-variant alike and ratios between variants are taken from the same run. Statistics are medians.
+All variants are measured side by side: warm-up first (at least one step per rotation set, which
+also compiles torch.compile'd variants), then every round runs one sample of each variant, in an
+order that rotates from round to round, so drift (clocks, thermal state, other processes) hits every
+variant alike. Sample i of every variant comes from round i, so ratios can be taken round by round
+(``stats.paired_ratio``). Figures are medians with their relative interquartile range (stats.py).
 """
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+
+from . import stats
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 
@@ -56,7 +59,7 @@ class TimingConfig:
     max_reps: int = 200      # hard cap on samples (short ops keep sampling until min_time_s)
     min_time_s: float = 0.0  # keep sampling up to max_reps until this much wall time has passed
     max_time_s: float = 60.0 # stop once this much wall time has passed and min_samples were taken
-    min_samples: int = 3
+    min_samples: int = stats.MIN_SAMPLES  # never fewer samples than this (max_time_s permitting)
     queue_ahead_us: float = 300.0  # GPU only: spin this long before each sample (see the module doc)
 
 
@@ -77,23 +80,13 @@ class Samples:
         return len(self.fwdbwd)
 
 
-def median_us(xs: Sequence[float]) -> float:
-    return statistics.median(xs) * 1e6
-
-
-def iqr_us(xs: Sequence[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return (q[2] - q[0]) * 1e6
-
-
 def summarize(s: Samples) -> dict:
-    """Median (and spread) in microseconds, keys ending in _us."""
+    """Per pass: the median in microseconds (``<pass>_us``) and the relative IQR (``<pass>_spread``)."""
     out = {}
     for p in PASSES:
-        out[f"{p}_us"] = median_us(getattr(s, p))
-    out["fwdbwd_iqr_us"] = iqr_us(s.fwdbwd)
+        xs = getattr(s, p)
+        out[f"{p}_us"] = stats.median(xs) * 1e6
+        out[f"{p}_spread"] = stats.rel_iqr(xs)
     out["samples"] = len(s)
     return out
 
@@ -125,71 +118,83 @@ def _cuda_mark():
     return e
 
 
+def _warm_up(steps: dict, cfg: TimingConfig, device: torch.device) -> dict:
+    """At least one step on every rotation set of every variant; returns {name: error} of those that
+    raised (they are left out of the measurement)."""
+    failures = {}
+    for name, st in steps.items():
+        try:
+            for i in range(max(cfg.warmup, st.sets)):
+                st.run(i % st.sets)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as e:  # noqa: BLE001 - a failing variant must not end the run
+            failures[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    return failures
+
+
+class _Round:
+    """One sample of every variant, on the GPU (events, L2 flush, queue-ahead spin) or the CPU."""
+
+    def __init__(self, steps: dict, device: torch.device, cfg: TimingConfig):
+        self.steps, self.device = steps, device
+        self.cuda = device.type == "cuda"
+        self.flush = _L2Flusher(device)
+        self.spin = _spin_cycles(device, cfg.queue_ahead_us) if self.cuda else 0
+
+    def __call__(self, order: Sequence[str], rnd: int, samples: dict) -> None:
+        pending = []
+        for name in order:
+            st = self.steps[name]
+            k = rnd % st.sets
+            if not self.cuda:
+                m = st.run(k, time.perf_counter_ns)
+                samples[name].add((m[1] - m[0]) * 1e-9, (m[2] - m[1]) * 1e-9)
+                continue
+            self.flush()
+            if self.spin:
+                torch.cuda._sleep(self.spin)
+            pending.append((name, st.run(k, _cuda_mark)))
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            for name, (e0, e1, e2) in pending:
+                samples[name].add(e0.elapsed_time(e1) * 1e-3, e1.elapsed_time(e2) * 1e-3)
+
+
+def _done(rnd: int, elapsed: float, cfg: TimingConfig) -> bool:
+    if rnd >= cfg.max_reps:
+        return True
+    if rnd >= cfg.reps and elapsed >= cfg.min_time_s:
+        return True
+    return rnd >= cfg.min_samples and elapsed >= cfg.max_time_s
+
+
 def measure(steps: dict, device: torch.device, cfg: TimingConfig, on_round: Callable[[], None] | None = None):
-    """Time every step side by side.
+    """Time every step side by side: warm-up, then rounds of one sample each, in rotating order.
 
     Returns (samples: {name: Samples}, failures: {name: "error text"}). A step that raises during
     warm-up is dropped and reported in failures; the others go on.
     """
     device = torch.device(device)
-    cuda = device.type == "cuda"
-    flush = _L2Flusher(device)
-    spin_cycles = _spin_cycles(device, cfg.queue_ahead_us) if cuda else 0
-    names = list(steps)
-    failures: dict = {}
-
-    # Warm-up: at least one step on every rotation set (compiles torch.compile'd variants).
-    for name in list(names):
-        st = steps[name]
-        try:
-            for i in range(max(cfg.warmup, st.sets)):
-                st.run(i % st.sets)
-            if cuda:
-                torch.cuda.synchronize(device)
-        except Exception as e:  # noqa: BLE001 - a failing variant must not end the run
-            failures[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            names.remove(name)
-            if cuda:
-                torch.cuda.synchronize(device)
+    failures = _warm_up(steps, cfg, device)
+    names = [n for n in steps if n not in failures]
     samples = {n: Samples() for n in names}
     if not names:
         return samples, failures
-
+    one_round = _Round(steps, device, cfg)
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
-    t_start = time.perf_counter()
-    rnd = 0
+    t_start, rnd = time.perf_counter(), 0
     try:
-        while True:
-            order = names[rnd % len(names):] + names[: rnd % len(names)]
-            pending = []
-            for name in order:
-                st = steps[name]
-                k = rnd % st.sets
-                if cuda:
-                    flush()
-                    if spin_cycles:
-                        torch.cuda._sleep(spin_cycles)
-                    m = st.run(k, _cuda_mark)
-                    pending.append((name, m))
-                else:
-                    m = st.run(k, time.perf_counter_ns)
-                    samples[name].add((m[1] - m[0]) * 1e-9, (m[2] - m[1]) * 1e-9)
-            if cuda:
-                torch.cuda.synchronize(device)
-                for name, (e0, e1, e2) in pending:
-                    samples[name].add(e0.elapsed_time(e1) * 1e-3, e1.elapsed_time(e2) * 1e-3)
+        while not _done(rnd, time.perf_counter() - t_start, cfg):
+            shift = rnd % len(names)
+            one_round(names[shift:] + names[:shift], rnd, samples)
             rnd += 1
             if on_round is not None:
                 on_round()
-            elapsed = time.perf_counter() - t_start
-            if rnd >= cfg.max_reps:
-                break
-            if rnd >= cfg.reps and elapsed >= cfg.min_time_s:
-                break
-            if rnd >= cfg.min_samples and elapsed >= cfg.max_time_s:
-                break
     finally:
         if gc_was_enabled:
             gc.enable()
