@@ -43,9 +43,11 @@ from typing import Callable, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .layers import LoRAFALinear, _is_plain_tensor
+from .modules.base import LoRAFALayer
+from .modules.base import is_plain_tensor as _is_plain_tensor
+from .modules.linear import LoRAFALinear
 from .model import lorafa_layers
-from .peft_compat import _unwrap
+from .integrations.peft import _unwrap
 
 __all__ = ["init_from_data", "METHODS"]
 
@@ -92,7 +94,7 @@ def _adapters(model: nn.Module) -> List[_Adapter]:
     ``from_peft`` (their active adapter). The one place here that knows the layer classes."""
     found = [_Adapter(name, layer, layer.lora_A, layer.lora_B) for name, layer in lorafa_layers(model)]
     for name, mod in model.named_modules():
-        if isinstance(mod, LoRAFALinear) or not getattr(mod, "_lorafa_switched", False):
+        if isinstance(mod, LoRAFALinear) or not isinstance(mod, LoRAFALayer):
             continue
         active = [a for a in mod.active_adapters if a in mod.lora_A]
         if len(active) != 1:

@@ -1,21 +1,29 @@
 """Applying LoRA-FA to a whole model: ``apply_lorafa``, ``lorafa_parameters`` and helpers.
 
-``target_modules`` follows PEFT's ``LoraConfig.target_modules``: a string is a regular expression
-that must match a module's full name (``re.fullmatch``); a list matches a module whose full name is
-in the list or ends with ``"." + entry``; ``"all-linear"`` selects every ``nn.Linear`` except the
-output layer of a transformers model. ``rank_pattern`` / ``alpha_pattern`` follow PEFT too: the first
-key (a regular expression) matching the end of a module's name, ``re.match(rf"(.*\\.)?({key})$", name)``,
-gives that module's rank / alpha.
+Which modules are adapted follows PEFT's rules (``lorafa_ext.targets``). After ``apply_lorafa`` (and
+``load_adapter``, ``from_peft``) exactly these parameters train: every adapter's B and the
+parameters of the ``modules_to_save`` (modules trained in full, such as a new classifier head);
+``lorafa_parameters(model)`` lists them.
 """
 from __future__ import annotations
 
-import re
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+import sys
+import warnings
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .layers import LoRAFALinear, _check_alpha, _check_dropout, _check_init
+from .modules.base import LoRAFALayer, check_alpha, check_dropout, check_eps
+from .modules.linear import LoRAFALinear, check_init
+from .targets import (
+    ALL_LINEAR,
+    TargetModules,
+    linear_names,
+    match_modules_to_save,
+    match_target_modules,
+    pattern_value,
+)
 
 __all__ = [
     "apply_lorafa",
@@ -24,114 +32,119 @@ __all__ = [
     "merge_adapters",
     "unmerge_adapters",
     "merge_and_unload",
+    "saved_modules",
+    "mark_modules_to_save",
+    "replace_modules",
+    "freeze_all_but",
+    "adapter_and_saved_parameters",
+    "check_modules_to_save",
+    # target selection, defined in lorafa_ext.targets
+    "ALL_LINEAR",
     "match_target_modules",
     "pattern_value",
 ]
 
-TargetModules = Union[str, Sequence[str]]
-
-ALL_LINEAR = "all-linear"
-
-
-def pattern_value(pattern: Optional[Dict[str, object]], name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key matching ``name``."""
-    for key in (pattern or {}):
-        if re.match(rf"(.*\.)?({key})$", name):
-            return pattern[key]
-    return default
+# attribute set on a module that trains in full (``apply_lorafa(..., modules_to_save=...)``)
+MODULE_TO_SAVE_ATTR = "_lorafa_module_to_save"
 
 
-def _target_matches(target_modules: TargetModules, name: str) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return name in target_modules or any(name.endswith("." + t) for t in target_modules)
+def _peft_saved_module_type():
+    """PEFT's wrapper of its modules_to_save, when peft has been imported (else None)."""
+    other = sys.modules.get("peft.utils.other")
+    return getattr(other, "AuxiliaryTrainingWrapper", None) or getattr(other, "ModulesToSaveWrapper", None)
 
 
-def _walk(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    """named_modules() that does not descend into LoRA-FA layers (their base_layer is not a target)."""
-    stack = [("", model)]
+def saved_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """(name, module) of every module trained in full: those given to ``apply_lorafa`` /
+    ``load_adapter`` as ``modules_to_save`` and PEFT's ModulesToSaveWrapper modules."""
+    peft_type = _peft_saved_module_type()
+    for name, mod in model.named_modules():
+        if getattr(mod, MODULE_TO_SAVE_ATTR, False) or (peft_type is not None and isinstance(mod, peft_type)):
+            yield name, mod
+
+
+def mark_modules_to_save(mods: Iterable[nn.Module]) -> None:
+    """Mark modules as trained in full and make their parameters trainable."""
+    for mod in mods:
+        setattr(mod, MODULE_TO_SAVE_ATTR, True)
+        mod.requires_grad_(True)
+
+
+def lorafa_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """(name, layer) for every ``LoRAFALinear`` in the model."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRAFALinear):
+            yield name, mod
+
+
+def adapter_and_saved_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The B's of the model's LoRA-FA layers and the parameters of its modules to save, those that
+    require grad, each once (``lorafa_parameters`` without its check)."""
+    params: List[nn.Parameter] = []
     seen = set()
-    while stack:
-        name, mod = stack.pop()
-        if id(mod) in seen:
-            continue
-        seen.add(id(mod))
-        yield name, mod
-        if isinstance(mod, LoRAFALinear) or _is_switched_peft_layer(mod):
-            continue
-        children = list(mod.named_children())
-        for child_name, child in reversed(children):
-            stack.append((f"{name}.{child_name}" if name else child_name, child))
+    groups = [mod.adapter_parameters() for mod in model.modules() if isinstance(mod, LoRAFALayer)]
+    groups += [mod.parameters() for _, mod in saved_modules(model)]
+    for group in groups:
+        for p in group:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
 
 
-def _is_switched_peft_layer(mod: nn.Module) -> bool:
-    return getattr(mod, "_lorafa_switched", False)
+def lorafa_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Every parameter that LoRA-FA training updates, each once: the B of every LoRA-FA layer
+    (``LoRAFALinear`` and PEFT layers switched by ``from_peft``; the active adapter's) and the
+    parameters of the modules to save, those that require grad. Pass them to ``torch.optim.AdamW``.
+
+    Warns when other parameters of the model require grad: a Trainer (which optimises every
+    parameter that requires grad) would train them, an optimizer over this list would not."""
+    params = adapter_and_saved_parameters(model)
+    ids = {id(p) for p in params}
+    others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
+    if others:
+        warnings.warn(
+            f"lorafa_parameters: {len(others)} parameters require grad but are neither an adapter's B nor "
+            f"part of a module to save, and are left out: {others[:5]}{' ...' if len(others) > 5 else ''} "
+            "(freeze them, or name their modules in modules_to_save)"
+        )
+    return iter(params)
 
 
-def _output_layer_names(model: nn.Module) -> set:
-    get_out = getattr(model, "get_output_embeddings", None)
-    if not callable(get_out):
-        return set()
-    try:
-        out = get_out()
-    except Exception:
-        return set()
-    if out is None:
-        return set()
-    return {name for name, mod in model.named_modules() if mod is out}
+def freeze_all_but(model: nn.Module, keep: Iterable[nn.Parameter]) -> None:
+    """requires_grad=True on the parameters in ``keep``, False on every other parameter of the model."""
+    keep_ids = {id(p) for p in keep}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep_ids)
 
 
-def match_target_modules(
-    model: nn.Module, target_modules: TargetModules, exclude_modules: Optional[TargetModules] = None
-) -> List[Tuple[str, nn.Module]]:
-    """The (name, module) pairs of ``model`` that ``target_modules`` selects, PEFT's way.
-
-    Modules inside existing LoRA-FA layers are never selected; the model itself (name "") neither."""
-    if target_modules is None:
-        raise ValueError("target_modules must be given (a regex string, a list of names, or 'all-linear')")
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        if not target_modules or not all(isinstance(t, str) for t in target_modules):
-            raise ValueError(f"target_modules must be a string or a non-empty list of strings, got {target_modules!r}")
-    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
-    if isinstance(target_modules, str) and not all_linear:
-        try:
-            re.compile(target_modules)
-        except re.error as err:
-            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {err}") from None
-    skip = _output_layer_names(model) if all_linear else set()
-    found = []
-    for name, mod in _walk(model):
-        if not name:
-            continue
-        if exclude_modules and _target_matches(exclude_modules, name):
-            continue
-        if all_linear:
-            if isinstance(mod, (nn.Linear, LoRAFALinear)) and name not in skip:
-                found.append((name, mod))
-        elif _target_matches(target_modules, name):
-            found.append((name, mod))
-    return found
-
-
-def _linear_names(model: nn.Module, limit: int = 8) -> str:
-    names = [n for n, m in _walk(model) if n and isinstance(m, nn.Linear)]
-    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more if names else "none"
-
-
-def _replace(model: nn.Module, targets: Dict[int, nn.Module]) -> nn.Module:
-    """Put ``targets[id(old)]`` at every place the old module is registered (shared modules too)."""
+def replace_modules(model: nn.Module, targets: Dict[int, nn.Module]) -> nn.Module:
+    """Put ``targets[id(old)]`` at every place the old module is registered (shared modules too);
+    returns the model, or its replacement when the model itself is a target."""
     if id(model) in targets:
         return targets[id(model)]
     for parent in list(model.modules()):
-        if isinstance(parent, LoRAFALinear):
+        if isinstance(parent, LoRAFALayer):
             continue
         for child_name, child in list(parent._modules.items()):  # named_children() skips repeats
             new = targets.get(id(child))
             if new is not None and new is not parent:
                 setattr(parent, child_name, new)
     return model
+
+
+def check_modules_to_save(model: nn.Module, saved: Sequence[Tuple[str, nn.Module]], adapted: Iterable[nn.Module],
+                          where: str) -> None:
+    """A module to save must not be, or contain, an adapted layer (its A would train)."""
+    adapted_ids = {id(m) for m in adapted} | {id(m) for m in model.modules() if isinstance(m, LoRAFALayer)}
+    for name, mod in saved:
+        for sub_name, sub in mod.named_modules():
+            if id(sub) in adapted_ids:
+                inner = f"{name}.{sub_name}" if sub_name else name
+                raise ValueError(
+                    f"{where}: modules_to_save selects {name!r}, which is or contains the adapted layer "
+                    f"{inner!r}; a module is either adapted or trained in full"
+                )
 
 
 def apply_lorafa(
@@ -147,69 +160,64 @@ def apply_lorafa(
     rank_pattern: Optional[Dict[str, int]] = None,
     alpha_pattern: Optional[Dict[str, float]] = None,
     exclude_modules: Optional[TargetModules] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
     eps: float = 1e-6,
     adapter_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Replace the ``nn.Linear`` modules that ``target_modules`` selects with ``LoRAFALinear`` layers
-    (in place), freeze every other parameter and return the model.
+    (in place) and return the model.
 
     ``target_modules``: a regex (full match) or a list of names / name suffixes, as PEFT's, or
     "all-linear". ``rank_pattern`` / ``alpha_pattern``: per-module rank / alpha, as PEFT's.
-    Raises ValueError when nothing matches, TypeError when a matched module is not an ``nn.Linear``.
+    ``modules_to_save``: names / name suffixes of modules trained in full (a new classifier head).
+    Afterwards the B's (of these and of earlier adapters) and the modules to save train; every other
+    parameter is frozen. Every argument is checked before the model is changed: ValueError when
+    nothing matches or a value is out of range, TypeError when a matched module is not an ``nn.Linear``.
     """
-    _check_dropout(lora_dropout)
-    _check_alpha(lora_alpha)
-    _check_init(init)
+    where = "apply_lorafa"
+    check_alpha(lora_alpha, where)
+    check_dropout(lora_dropout, where)
+    check_eps(eps, where)
+    check_init(init, where)
     matched = match_target_modules(model, target_modules, exclude_modules)
     if not matched:
         raise ValueError(
             f"apply_lorafa: target_modules {target_modules!r} matched no module of the model "
-            f"(its nn.Linear modules: {_linear_names(model)})"
+            f"(its nn.Linear modules: {linear_names(model)})"
         )
     for name, mod in matched:
-        if isinstance(mod, LoRAFALinear) or _is_switched_peft_layer(mod):
+        if isinstance(mod, LoRAFALayer):
             raise ValueError(f"apply_lorafa: module {name!r} already has a LoRA-FA adapter")
         if not isinstance(mod, nn.Linear):
             raise TypeError(
                 f"apply_lorafa: target module {name!r} is a {type(mod).__name__}; only nn.Linear "
                 "modules can be adapted (narrow target_modules)"
             )
-    # Build every new layer before touching the model: a bad rank or alpha leaves it unchanged.
-    new_layers: Dict[int, nn.Module] = {}
+    saved = []
+    if modules_to_save is not None:
+        try:
+            saved = match_modules_to_save(model, modules_to_save)
+        except ValueError as err:
+            raise ValueError(f"apply_lorafa: {err}") from None
+    check_modules_to_save(model, list(saved_modules(model)) + saved, [m for _, m in matched], where)
+    # Check every layer's arguments, then build the layers: a bad rank or alpha leaves the model unchanged.
+    args = {name: (pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, lora_alpha))
+            for name, _ in matched}
     for name, mod in matched:
-        layer_r = pattern_value(rank_pattern, name, r)
-        layer_alpha = pattern_value(alpha_pattern, name, lora_alpha)
-        new_layers[id(mod)] = LoRAFALinear(
-            mod, layer_r, layer_alpha, lora_dropout, use_rslora, correction, init,
-            eps=eps, adapter_dtype=adapter_dtype,
-        )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return _replace(model, new_layers)
-
-
-def lorafa_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    """(name, layer) for every ``LoRAFALinear`` in the model."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRAFALinear):
-            yield name, mod
-
-
-def lorafa_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """The trainable B matrices of the model's LoRA-FA layers (``LoRAFALinear`` and PEFT layers
-    switched by ``from_peft``): pass them to ``torch.optim.AdamW``."""
-    seen = set()
-    for mod in model.modules():
-        if isinstance(mod, LoRAFALinear):
-            params = [mod.lora_B]
-        elif _is_switched_peft_layer(mod):
-            params = [lin.weight for lin in mod.lora_B.values()]
-        else:
-            continue
-        for p in params:
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                yield p
+        LoRAFALinear.check_arguments(mod, *args[name], lora_dropout, init, eps, adapter_dtype,
+                                     f"apply_lorafa: layer {name!r}")
+    new_layers: Dict[int, nn.Module] = {
+        id(mod): LoRAFALinear(mod, *args[name], lora_dropout, use_rslora, correction, init, eps=eps,
+                              adapter_dtype=adapter_dtype, name=name)
+        for name, mod in matched
+    }
+    keep = adapter_and_saved_parameters(model)
+    model = replace_modules(model, new_layers)
+    mark_modules_to_save(m for _, m in saved)
+    keep += [layer.lora_B for layer in new_layers.values()]
+    keep += [p for _, m in saved for p in m.parameters()]
+    freeze_all_but(model, keep)
+    return model
 
 
 def merge_adapters(model: nn.Module, safe_merge: bool = False) -> nn.Module:
@@ -234,4 +242,4 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     for _, layer in layers:
         if not layer.merged:
             layer.merge(safe_merge=safe_merge)
-    return _replace(model, {id(layer): layer.base_layer for _, layer in layers})
+    return replace_modules(model, {id(layer): layer.base_layer for _, layer in layers})

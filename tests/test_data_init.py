@@ -17,6 +17,7 @@ from torch import nn
 
 import lorafa_ext
 from lorafa_ext import init_from_data
+from lorafa_ext.layers import LoRAFALayer
 from lorafa_ext.model import apply_lorafa, lorafa_layers, lorafa_parameters
 from tests.helpers import ROOT
 
@@ -298,11 +299,14 @@ def test_rank_larger_than_the_data_allows(method):
     for name in RANKS:
         assert torch.equal(layer_a(model, name), a0[name])
     # r larger than the dimensions: no data can help
-    wide = nn.Sequential(nn.Linear(4, 3)).double()
-    apply_lorafa(wide, ["0"], r=5, lora_alpha=4)
-    dims = "in_features=4" if method == "activation" else r"min\(in_features, out_features\)=3"
-    with pytest.raises(ValueError, match=rf"layer '0' has r=5 > {dims}"):
-        init_from_data(wide, [(torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64))],
+    if method == "activation":  # r >= in_features: LoRAFALinear itself refuses the layer
+        with pytest.raises(ValueError, match="r=5 must be smaller than the layer's in_features=4"):
+            apply_lorafa(nn.Sequential(nn.Linear(4, 3)).double(), ["0"], r=5, lora_alpha=4)
+        return
+    wide = nn.Sequential(nn.Linear(6, 3)).double()
+    apply_lorafa(wide, ["0"], r=4, lora_alpha=4)
+    with pytest.raises(ValueError, match=r"layer '0' has r=4 > min\(in_features, out_features\)=3"):
+        init_from_data(wide, [(torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64))],
                        method, loss_fn=linear_loss)
 
 
@@ -368,7 +372,7 @@ def test_peft_layers_get_the_same_a_as_lorafa_layers(method, tmp_path):
     init_from_data(peft_model, batches, method)
     with torch.no_grad():
         assert torch.equal(peft_model(input_ids=ids).logits, y0)
-    peft_layers = {n: m for n, m in peft_model.named_modules() if getattr(m, "_lorafa_switched", False)}
+    peft_layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, LoRAFALayer)}
     ours_layers = dict(lorafa_layers(ours))
     assert len(peft_layers) == len(ours_layers) == 6
     for name, layer in ours_layers.items():

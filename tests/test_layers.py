@@ -360,6 +360,22 @@ def test_apply_lorafa_names_freezes_and_returns_model():
     assert [id(p) for p in params] == [id(net.block["fc1"].lora_B), id(net.block["fc2"].lora_B)]
 
 
+def test_apply_lorafa_again_and_modules_to_save():
+    torch.manual_seed(0)
+    net = apply_lorafa(TinyNet(), ["fc1"], r=4, lora_alpha=8, modules_to_save=["head"])
+    with pytest.raises(ValueError, match="modules_to_save selects 'block', which is or contains the adapted layer"):
+        apply_lorafa(net, ["fc2"], r=4, lora_alpha=8, modules_to_save=["block"])
+    net = apply_lorafa(net, ["fc2", "inp"], r=4, lora_alpha=8)  # earlier B and the head stay trainable
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"block.fc1.lora_B", "block.fc2.lora_B", "inp.lora_B", "head.weight", "head.bias"}
+    assert {id(p) for p in lorafa_parameters(net)} == {id(p) for p in net.parameters() if p.requires_grad}
+    net(torch.randn(3, 16)).sum().backward()
+    assert net.head.weight.grad is not None and net.block["fc1"].lora_B.grad is not None
+    with pytest.raises(ValueError, match="modules_to_save selects 'head', which is or contains the adapted layer 'head'"):
+        apply_lorafa(net, ["head"], r=4, lora_alpha=8)  # the head trains in full already
+    assert type(net.head) is nn.Linear
+
+
 def test_apply_lorafa_regex_and_patterns():
     torch.manual_seed(0)
     net = TinyNet()
@@ -418,8 +434,9 @@ def test_layer_bad_arguments():
         LoRAFALinear(nn.Linear(4, 4), 0, 4)
     with pytest.raises(ValueError, match="init must be one of"):
         LoRAFALinear(nn.Linear(4, 4), 2, 4, init="pissa")
-    with pytest.raises(ValueError, match="needs r <= in_features"):
-        LoRAFALinear(nn.Linear(4, 4), 8, 4, init="orthogonal")
+    for r in (4, 8):  # r >= in_features
+        with pytest.raises(ValueError, match=rf"LoRAFALinear: r={r} must be smaller than the layer's in_features=4"):
+            LoRAFALinear(nn.Linear(4, 4), r, 4)
     with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\)"):
         LoRAFALinear(nn.Linear(4, 4), 2, 4, lora_dropout=1.0)
     with pytest.raises(ValueError, match="lora_alpha must be nonzero"):

@@ -18,11 +18,11 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
-from lorafa_ext.layers import LoRAFALinear  # noqa: E402
+from lorafa_ext.layers import LoRAFALayer, LoRAFALinear  # noqa: E402
 from lorafa_ext.model import apply_lorafa, lorafa_layers, lorafa_parameters  # noqa: E402
 from lorafa_ext.peft_compat import AdapterError, from_peft, load_adapter, save_adapter  # noqa: E402
+from tests.models import tiny_llama, token_ids  # noqa: E402
 
-VOCAB = 64
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 
 
@@ -31,20 +31,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def tiny_llama(seed=0):
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def token_ids(batch=2, length=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (batch, length), generator=g)
 
 
 def randomize_b(model, seed=1, std=0.2):
@@ -356,7 +342,7 @@ def test_from_peft_same_outputs_and_frozen_a():
     y_peft = logits(pm, ids)
     out = from_peft(pm)
     assert out is pm
-    switched = [m for m in pm.modules() if getattr(m, "_lorafa_switched", False)]
+    switched = [m for m in pm.modules() if isinstance(m, LoRAFALayer)]
     assert len(switched) == 6 and all(isinstance(m, peft.tuners.lora.layer.Linear) for m in switched)
     torch.testing.assert_close(logits(pm, ids), y_peft, rtol=1e-6, atol=1e-6)
     assert all(not p.requires_grad for n, p in pm.named_parameters() if "lora_A" in n)
@@ -407,7 +393,7 @@ def _ours_like(pm, base, path):
 def _our_b_layers(model):
     if isinstance(model, PeftModel):
         inner = model.base_model.model
-        return [(n, m) for n, m in inner.named_modules() if getattr(m, "_lorafa_switched", False)]
+        return [(n, m) for n, m in inner.named_modules() if isinstance(m, LoRAFALayer)]
     return list(lorafa_layers(model))
 
 
@@ -428,10 +414,7 @@ def _train_parity(path, monkeypatch, peft_bf16, correction=True, steps=5, lr=1e-
     ours = _ours_like(pm, base, path)
     if not correction:
         for _, layer in _our_b_layers(ours):
-            if isinstance(layer, LoRAFALinear):
-                layer.correction = False
-            else:
-                layer._lorafa_correction = False
+            layer.correction = False
     b0 = {n: _b_of(m).detach().clone() for n, m in _our_b_layers(ours)}
 
     opt_peft = create_lorafa_optimizer(pm, r=4, lora_alpha=8, lr=lr)
