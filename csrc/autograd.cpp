@@ -1,4 +1,4 @@
-// Autograd of `_linear` for the compiled library, as a C++ autograd::Function registered to the
+// Autograd of `_linear` and `_lowrank` for the compiled library, as a C++ autograd::Function registered to the
 // Autograd key. The formula is the one lorafa_ext/ops.py registers for the Python fallback; doing it
 // here keeps the per-call host cost of a differentiable `linear` at a few microseconds (the Python
 // torch.library.register_autograd path costs ~80 us a call, mostly in re-filling schema defaults).
@@ -48,7 +48,32 @@ const auto& correct_grad_op() {
   return op;
 }
 
+const auto& lowrank_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow(LORAFA_OP("_lowrank"), "")
+                             .typed<Tensors2(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             double, double, const OptTensor&, bool, double,
+                                             const OptTensor&)>();
+  return op;
+}
+
+const auto& lowrank_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow(LORAFA_OP("lowrank_backward"), "")
+                             .typed<Tensors2(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, double, double, const OptTensor&,
+                                             std::array<bool, 2>)>();
+  return op;
+}
+
 OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// The corrected B-gradient (1/s^2) dB (A A^T + delta I)^-1, with the saved gram_inv when given.
+at::Tensor corrected(const at::Tensor& d_b, const at::Tensor& gram_inv, const at::Tensor& lora_a,
+                     double scaling, double eps) {
+  const at::Tensor g = gram_inv.defined() ? gram_inv : gram_inverse_op().call(lora_a, eps);
+  return correct_grad_op().call(d_b, g, scaling);
+}
 
 struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -86,9 +111,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
                            ctx->saved_data["dropout_p"].toDouble(), optional_of(saved[4]),
                            {need_x, need_b, need_bias});
     if (need_b && ctx->saved_data["correction"].toBool()) {
-      const at::Tensor gram_inv =
-          saved[5].defined() ? saved[5] : gram_inverse_op().call(lora_a, eps);
-      d_b = correct_grad_op().call(d_b, gram_inv, scaling);
+      d_b = corrected(d_b, saved[5], lora_a, scaling, eps);
     }
     const at::Tensor none;
     return {need_x ? dx : none, none, need_bias ? d_bias : none, none, need_b ? d_b : none,
@@ -105,8 +128,54 @@ Tensors2 linear_autograd(const at::Tensor& x, const at::Tensor& weight, const Op
   return {out[0], out[1]};
 }
 
+struct LowrankFunction : public torch::autograd::Function<LowrankFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& lora_a,
+                               const at::Tensor& lora_b, double scaling, double dropout_p,
+                               const OptTensor& seed, bool correction, double eps,
+                               const OptTensor& gram_inv) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, z] =
+        lowrank_op().call(x, lora_a, lora_b, scaling, dropout_p, seed, correction, eps, gram_inv);
+    ctx->mark_non_differentiable({z});
+    // Only z (N x r) is saved from the activations; the mask is regenerated from the seed.
+    ctx->save_for_backward(
+        {z, lora_a, lora_b, seed.value_or(at::Tensor()), gram_inv.value_or(at::Tensor())});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["correction"] = correction;
+    ctx->saved_data["eps"] = eps;
+    return {y, z};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &z = saved[0], &lora_a = saved[1], &lora_b = saved[2];
+    const double scaling = ctx->saved_data["scaling"].toDouble();
+    const bool need_x = ctx->needs_input_grad(0), need_b = ctx->needs_input_grad(2);
+    auto [dx, d_b] = lowrank_backward_op().call(grads[0], z, lora_a, lora_b, scaling,
+                                                ctx->saved_data["dropout_p"].toDouble(),
+                                                optional_of(saved[3]), {need_x, need_b});
+    if (need_b && ctx->saved_data["correction"].toBool()) {
+      d_b = corrected(d_b, saved[4], lora_a, scaling, ctx->saved_data["eps"].toDouble());
+    }
+    const at::Tensor none;
+    return {need_x ? dx : none, none, need_b ? d_b : none, none, none, none, none, none, none};
+  }
+};
+
+Tensors2 lowrank_autograd(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                          double scaling, double dropout_p, const OptTensor& seed, bool correction,
+                          double eps, const OptTensor& gram_inv) {
+  auto out = LowrankFunction::apply(x, lora_a, lora_b, scaling, dropout_p, seed, correction, eps,
+                                    gram_inv);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
-LORAFA_LIBRARY_IMPL(Autograd, m) { m.impl("_linear", &linear_autograd); }
+LORAFA_LIBRARY_IMPL(Autograd, m) {
+  m.impl("_linear", &linear_autograd);
+  m.impl("_lowrank", &lowrank_autograd);
+}
 
 }  // namespace lorafa

@@ -35,6 +35,12 @@ void check_forward(const char* op, const at::Tensor& x, const at::Tensor& weight
 void check_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& z,
                     const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                     double scaling, double dropout_p, const std::optional<at::Tensor>& seed);
+void check_lowrank_forward(const char* op, const at::Tensor& x, const at::Tensor& lora_a,
+                           const at::Tensor& lora_b, double scaling, double dropout_p,
+                           const std::optional<at::Tensor>& seed);
+void check_lowrank_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& z,
+                            const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+                            double dropout_p, const std::optional<at::Tensor>& seed);
 void check_gram_inverse(const char* op, const at::Tensor& lora_a, double eps);
 void check_correct_grad(const char* op, const at::Tensor& grad_b, const at::Tensor& gram_inv,
                         double scaling);
@@ -76,14 +82,27 @@ Tensors2 linear_kernel(const at::Tensor& x, const at::Tensor& weight,
   return LinearForward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
 }
 
+// The `_lowrank` kernel of a backend: its lowrank_forward.
+template <auto LowrankForward>
+Tensors2 lowrank_kernel(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                        double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+                        bool /*correction*/, double /*eps*/,
+                        const std::optional<at::Tensor>& /*gram_inv*/) {
+  return LowrankForward(x, lora_a, lora_b, scaling, dropout_p, seed);
+}
+
 // Inside a LORAFA_LIBRARY_IMPL block: registers the kernels of the backend namespace `ns`, which
-// defines linear_forward, linear_backward, gram_inverse, correct_grad and dropout_mask.
-#define LORAFA_REGISTER_BACKEND(m, ns)                              \
-  m.impl("_linear", &::lorafa::linear_kernel<&ns::linear_forward>); \
-  m.impl("linear_forward", &ns::linear_forward);                    \
-  m.impl("linear_backward", &ns::linear_backward);                  \
-  m.impl("gram_inverse", &ns::gram_inverse);                        \
-  m.impl("correct_grad", &ns::correct_grad);                        \
+// defines linear_forward, linear_backward, lowrank_forward, lowrank_backward, gram_inverse,
+// correct_grad and dropout_mask.
+#define LORAFA_REGISTER_BACKEND(m, ns)                                 \
+  m.impl("_linear", &::lorafa::linear_kernel<&ns::linear_forward>);    \
+  m.impl("linear_forward", &ns::linear_forward);                       \
+  m.impl("linear_backward", &ns::linear_backward);                     \
+  m.impl("_lowrank", &::lorafa::lowrank_kernel<&ns::lowrank_forward>); \
+  m.impl("lowrank_forward", &ns::lowrank_forward);                     \
+  m.impl("lowrank_backward", &ns::lowrank_backward);                   \
+  m.impl("gram_inverse", &ns::gram_inverse);                           \
+  m.impl("correct_grad", &ns::correct_grad);                           \
   m.impl("dropout_mask", &ns::dropout_mask)
 
 }  // namespace lorafa

@@ -47,7 +47,17 @@ def backend() -> str:
 
 from .layers import LoRAFALinear  # noqa: E402
 from .model import apply_lorafa, lorafa_layers, lorafa_parameters, merge_and_unload  # noqa: E402
-from .ops import correct_grad, dropout_mask, gram_inverse, linear, linear_backward, linear_forward  # noqa: E402
+from .ops import (  # noqa: E402
+    correct_grad,
+    dropout_mask,
+    gram_inverse,
+    linear,
+    linear_backward,
+    linear_forward,
+    lowrank,
+    lowrank_backward,
+    lowrank_forward,
+)
 from .peft_compat import AdapterError, from_peft, load_adapter, save_adapter  # noqa: E402
 from .data_init import init_from_data  # noqa: E402
 
@@ -56,6 +66,9 @@ __all__ = [
     "linear",
     "linear_forward",
     "linear_backward",
+    "lowrank",
+    "lowrank_forward",
+    "lowrank_backward",
     "gram_inverse",
     "correct_grad",
     "dropout_mask",

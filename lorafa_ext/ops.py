@@ -110,6 +110,80 @@ def _linear_backward_fake(grad_y, z, weight, lora_a, lora_b, scaling, dropout_p,
     return dx, d_b, d_bias
 
 
+def lowrank(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    correction: bool = False,
+    seed: Optional[int] = None,
+    eps: float = 1e-6,
+    gram_inv: Optional[Tensor] = None,
+) -> Tensor:
+    """The LoRA-FA adapter branch alone: ``scaling * (drop(x) A^T) B^T``, ``(*, out)`` in x's dtype.
+
+    For a base layer that runs its own forward (a quantized one: ``y = base(x) + lowrank(x, ...)``).
+    Differentiable in x and lora_b; lora_a is frozen (requiring grad is an error). Only
+    z = drop(x) A^T (N x r) is saved for backward, never a dropout mask. The arguments are those of
+    :func:`linear`.
+    """
+    return torch.ops.lorafa.lowrank(x, lora_a, lora_b, scaling, dropout_p, correction, seed, eps, gram_inv)
+
+
+# ``lowrank`` is composite: it decomposes into ``_lowrank``, the op that carries autograd.
+@torch.library.register_fake("lorafa::_lowrank")
+def _lowrank_fake(x, lora_a, lora_b, scaling, dropout_p, seed, correction, eps, gram_inv):
+    return _lowrank_forward_fake(x, lora_a, lora_b, scaling, dropout_p, seed)
+
+
+def lowrank_forward(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Forward of :func:`lowrank`, not differentiable. Returns ``(y, z)``: y = s z B^T ``(*, out)`` in
+    x's dtype and z = drop(x) A^T ``(N, r)`` in ``torch.promote_types(x.dtype, lora_a.dtype)``.
+    ``seed`` is a one-element int64 tensor on x's device, required when dropout_p > 0."""
+    return torch.ops.lorafa.lowrank_forward(x, lora_a, lora_b, scaling, dropout_p, seed)
+
+
+@torch.library.register_fake("lorafa::lowrank_forward")
+def _lowrank_forward_fake(x, lora_a, lora_b, scaling, dropout_p=0.0, seed=None):
+    _checks.check_lowrank_forward("lorafa.lowrank_forward", x, lora_a, lora_b, scaling, dropout_p, seed)
+    rows = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], lora_b.shape[0]))
+    z = x.new_empty((rows, lora_a.shape[0]), dtype=torch.promote_types(x.dtype, lora_a.dtype))
+    return y, z
+
+
+def lowrank_backward(
+    grad_y: Tensor,
+    z: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+    output_mask: Sequence[bool] = (True, True),
+) -> Tuple[Tensor, Tensor]:
+    """Backward of :func:`lowrank`. Returns ``(dx, dB)``: dx = s drop'(dy B A) ``(*, in)`` and the
+    exact dB = s dy^T z ``(out, r)`` in lora_b's dtype. An output whose ``output_mask`` entry is False
+    comes back as an empty tensor of shape (0,)."""
+    return torch.ops.lorafa.lowrank_backward(grad_y, z, lora_a, lora_b, scaling, dropout_p, seed, list(output_mask))
+
+
+@torch.library.register_fake("lorafa::lowrank_backward")
+def _lowrank_backward_fake(grad_y, z, lora_a, lora_b, scaling, dropout_p, seed, output_mask):
+    _checks.check_lowrank_backward("lorafa.lowrank_backward", grad_y, z, lora_a, lora_b, scaling, dropout_p, seed)
+    dx = grad_y.new_empty((*grad_y.shape[:-1], lora_a.shape[1])) if output_mask[0] else grad_y.new_empty(0)
+    d_b = lora_b.new_empty(lora_b.shape) if output_mask[1] else lora_b.new_empty(0)
+    return dx, d_b
+
+
 def gram_inverse(lora_a: Tensor, eps: float = 1e-6) -> Tensor:
     """``(A A^T + delta I)^-1`` with ``delta = eps * trace(A A^T) / r``, ``(r, r)`` in float32
     (float64 for a float64 lora_a). Needs no host synchronisation."""

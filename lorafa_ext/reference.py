@@ -73,6 +73,26 @@ def backward(grad_y, x, weight, lora_a, lora_b, scaling, mask=None, p=0.0):
     return dx.reshape(*grad_y.shape[:-1], n_in), d_b, d_bias
 
 
+def lowrank(x, lora_a, lora_b, scaling, mask=None, p=0.0):
+    """Return (y, z) in float64: the adapter branch alone, z = drop(x) A^T (N, r), y = s z B^T."""
+    d = torch.float64
+    x2 = x.reshape(-1, x.shape[-1]).to(d)
+    z = _drop(x2, mask, p) @ lora_a.to(d).T
+    y = scaling * (z @ lora_b.to(d).T)
+    return y.reshape(*x.shape[:-1], lora_b.shape[0]), z
+
+
+def lowrank_backward(grad_y, x, lora_a, lora_b, scaling, mask=None, p=0.0):
+    """Return (dx, dB) in float64: the exact gradients of ``lowrank``."""
+    d = torch.float64
+    out, n_in = lora_b.shape[0], lora_a.shape[1]
+    dy = grad_y.reshape(-1, out).to(d)
+    z = _drop(x.reshape(-1, n_in).to(d), mask, p) @ lora_a.to(d).T
+    dx = _drop(scaling * (dy @ lora_b.to(d)) @ lora_a.to(d), mask, p)
+    d_b = scaling * (dy.T @ z)
+    return dx.reshape(*grad_y.shape[:-1], n_in), d_b
+
+
 def gram_inverse(lora_a, eps=1e-6):
     """(A A^T + delta I)^-1 in float64, delta = eps * trace(A A^T) / r."""
     a = lora_a.to(torch.float64)

@@ -11,8 +11,8 @@ import torch
 import lorafa_ext
 from tests.helpers import make_case, make_dy, ops, run_python, seed_tensor
 
-OP_NAMES = ["linear", "_linear", "linear_forward", "linear_backward", "gram_inverse", "correct_grad",
-            "dropout_mask"]
+OP_NAMES = ["linear", "_linear", "linear_forward", "linear_backward", "lowrank", "_lowrank", "lowrank_forward",
+            "lowrank_backward", "gram_inverse", "correct_grad", "dropout_mask"]
 FORCED = os.environ.get("LORAFA_FORCE_PYTHON") == "1"
 compiled_only = pytest.mark.skipif(lorafa_ext.backend() == "python", reason="the compiled library is not in use")
 

@@ -19,11 +19,13 @@ from tests.test_errors import BAD_INPUT_IDS, bad_inputs, device_bad_inputs
 COMPILED_LOADED = lorafa_ext.backend() != "python"
 COMPILED_BUILT = importlib.util.find_spec("lorafa_ext._C") is not None
 
-# `linear` has no fake: it is composite, and its kernel checks are linear_forward's, which every bad
-# input of `linear` in test_errors.py also goes to.
+# `linear` and `lowrank` have no fake: they are composite, and their kernel checks are linear_forward's
+# and lowrank_forward's, which every bad input of `linear` / `lowrank` in test_errors.py also goes to.
 FAKES = {
     "linear_forward": wrappers._linear_forward_fake,
     "linear_backward": wrappers._linear_backward_fake,
+    "lowrank_forward": wrappers._lowrank_forward_fake,
+    "lowrank_backward": wrappers._lowrank_backward_fake,
     "gram_inverse": wrappers._gram_inverse_fake,
     "correct_grad": wrappers._correct_grad_fake,
     "dropout_mask": wrappers._dropout_mask_fake,
@@ -40,7 +42,7 @@ def error_of(fn, args):
 
 
 def python_backend_fn(op):
-    return python_ops.linear if op == "linear" else getattr(kernels, op)
+    return getattr(python_ops, op) if op in ("linear", "lowrank") else getattr(kernels, op)
 
 
 def _meta(a):

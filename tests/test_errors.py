@@ -13,6 +13,7 @@ from tests.helpers import make_case, ops, ops_for, requires_cuda, seed_tensor
 
 ERR = (RuntimeError, ValueError)
 MASK3 = [True, True, True]
+MASK2 = [True, True]
 
 
 def _good(device="cpu", dtype="fp32", lora_dtype=None):
@@ -27,6 +28,16 @@ def _forward_and_linear(cases, name, c, match, p=0.0, seed=None):
     """The forward op and the autograd entry point with the same (bad) arguments."""
     cases[f"{name}-linear_forward"] = ("linear_forward", (*_args(c), p, seed), match)
     cases[f"{name}-linear"] = ("linear", (*_args(c), p, False, 1 if p else None), match)
+
+
+def _lowrank_args(c):
+    return c["x"], c["lora_a"], c["lora_b"], c["scaling"]
+
+
+def _lowrank_forward_and_lowrank(cases, name, c, match, p=0.0, seed=None):
+    """The adapter-branch forward op and its autograd entry point with the same (bad) arguments."""
+    cases[f"{name}-lowrank_forward"] = ("lowrank_forward", (*_lowrank_args(c), p, seed), match)
+    cases[f"{name}-lowrank"] = ("lowrank", (*_lowrank_args(c), p, False, 1 if p else None), match)
 
 
 def _with(device, **changes):
@@ -111,6 +122,8 @@ def bad_inputs(device="cpu"):
     cases["rows_negative-dropout_mask"] = ("dropout_mask", (seed_tensor(1, d), -1, 3, 0.5), "rows")
     cases["p_one-dropout_mask"] = ("dropout_mask", (seed_tensor(1, d), 2, 3, 1.0), r"\bp\b")
 
+    _lowrank_bad_inputs(cases, d, randn)
+
     # what only the composite entry point checks
     frozen = (c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], 1.0)
     cases["weight_requires_grad-linear"] = (
@@ -119,6 +132,39 @@ def bad_inputs(device="cpu"):
         "linear", (*frozen[:3], frozen[3].clone().requires_grad_(), *frozen[4:]), "lora_a")
     cases["correction_scaling_zero-linear"] = ("linear", (*frozen[:5], 0.0, 0.0, True), "scaling")
     return cases
+
+
+def _lowrank_bad_inputs(cases, d, randn):
+    """The bad inputs of lowrank, lowrank_forward and lowrank_backward (x (4, 9), r = 2, out = 5)."""
+    _lowrank_forward_and_lowrank(cases, "x_rank0", _with(d, x=torch.tensor(1.0, device=d)), r"\bx\b")
+    _lowrank_forward_and_lowrank(cases, "x_int", _with(d, x=torch.ones(4, 9, dtype=torch.int64, device=d)),
+                                 r"\bx\b")
+    _lowrank_forward_and_lowrank(cases, "x_in", _with(d, x=randn(4, 8)), r"\bx\b")
+    _lowrank_forward_and_lowrank(cases, "lora_a_rank1", _with(d, lora_a=randn(9)), "lora_a")
+    for shape in [(5,), (5, 3)]:
+        _lowrank_forward_and_lowrank(cases, f"lora_b_shape{shape}", _with(d, lora_b=randn(*shape)), "lora_b")
+    _lowrank_forward_and_lowrank(cases, "rank0", _with(d, lora_a=randn(0, 9), lora_b=randn(5, 0)),
+                                 r"lora_a|rank|\br\b")
+    for xdtype, adtype, bdtype in [("fp32", torch.float16, torch.float16), ("bf16", torch.float32, torch.bfloat16)]:
+        c = _good(d, xdtype)
+        c["lora_a"], c["lora_b"] = c["lora_a"].to(adtype), c["lora_b"].to(bdtype)
+        _lowrank_forward_and_lowrank(cases, f"lora_dtype_{xdtype}_{adtype}_{bdtype}", c, "lora")
+    c = _good(d)
+    _lowrank_forward_and_lowrank(cases, "scaling_nan", _with(d, scaling=float("nan")), "scaling")
+    _lowrank_forward_and_lowrank(cases, "dropout_p_1.0", c, "dropout_p", p=1.0, seed=seed_tensor(1, d))
+    cases["seed_missing-lowrank_forward"] = ("lowrank_forward", (*_lowrank_args(c), 0.5, None), "seed")
+    cases["seed_int32-lowrank_forward"] = (
+        "lowrank_forward", (*_lowrank_args(c), 0.5, torch.tensor(1, dtype=torch.int32, device=d)), "seed")
+    dy, z = randn(4, 5), randn(4, 2)
+    tail = (c["lora_a"], c["lora_b"], 1.0, 0.0, None, MASK2)
+    cases["grad_y_shape-lowrank_backward"] = ("lowrank_backward", (randn(4, 6), z, *tail), "grad_y")
+    cases["z_rows-lowrank_backward"] = ("lowrank_backward", (dy, randn(3, 2), *tail), r"\bz\b")
+    cases["z_dtype-lowrank_backward"] = ("lowrank_backward", (dy, z.double(), *tail), r"\bz\b")
+    cases["seed_missing-lowrank_backward"] = (
+        "lowrank_backward", (dy, z, c["lora_a"], c["lora_b"], 1.0, 0.5, None, MASK2), "seed")
+    cases["lora_a_requires_grad-lowrank"] = (
+        "lowrank", (c["x"], c["lora_a"].clone().requires_grad_(), c["lora_b"], 1.0), "lora_a")
+    cases["correction_scaling_zero-lowrank"] = ("lowrank", (*_lowrank_args(c)[:3], 0.0, 0.0, True), "scaling")
 
 
 def device_bad_inputs():
@@ -135,6 +181,13 @@ def device_bad_inputs():
     cases["z_on_cpu-linear_backward"] = (
         "linear_backward", (dy, z.cpu(), c["weight"], c["lora_a"], c["lora_b"], 1.0, 0.0, None, MASK3), r"\bz\b")
     cases["gram_inv_on_cpu-correct_grad"] = ("correct_grad", (c["lora_b"], torch.eye(2), 1.0), "gram_inv")
+    for name in ["lora_a", "lora_b"]:
+        c = _good("cuda")
+        c[name] = c[name].cpu()
+        _lowrank_forward_and_lowrank(cases, f"{name}_on_cpu", c, name + "|device")
+    c = _good("cuda")
+    cases["z_on_cpu-lowrank_backward"] = (
+        "lowrank_backward", (dy, z.cpu(), c["lora_a"], c["lora_b"], 1.0, 0.0, None, MASK2), r"\bz\b")
     return cases
 
 
@@ -166,6 +219,9 @@ def test_good_inputs_pass(device):
     dy, z = torch.randn(4, 5, device=device), torch.randn(4, 2, device=device)
     ops.linear_backward(dy, z, c["weight"], c["lora_a"], c["lora_b"], 1.0, 0.0, None, MASK3)
     ops.correct_grad(torch.randn(5, 3, device=device), torch.eye(3, device=device), 1.0)
+    ops.lowrank_forward(*_lowrank_args(c), 0.0, None)
+    ops.lowrank(*_lowrank_args(c))
+    ops.lowrank_backward(dy, z, c["lora_a"], c["lora_b"], 1.0, 0.0, None, MASK2)
 
 
 def test_allowed_lora_dtypes_pass(device):

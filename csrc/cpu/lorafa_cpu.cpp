@@ -287,6 +287,35 @@ void lowrank_into(at::Tensor& dst2, const at::Tensor& left, const at::Tensor& ri
   });
 }
 
+// z = drop(x2) A^T (rows, r) in dtype zdt.
+at::Tensor project(const at::Tensor& x2, const at::Tensor& lora_a, at::ScalarType zdt,
+                   double dropout_p, const std::optional<at::Tensor>& seed) {
+  at::Tensor z = at::empty({x2.size(0), lora_a.size(0)}, x2.options().dtype(zdt));
+  if (dropout_p == 0.0 && zdt == x2.scalar_type()) {
+    at::mm_out(z, x2, lora_a.t());
+  } else {
+    const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
+    project_dropped(x2, lora_a.to(zdt).t(), z, s, dropout_p);
+  }
+  return z;
+}
+
+// dx2 (+)= s drop'(t A) with t = dy B: accumulated onto dx2 with `accumulate`, else written.
+void expand_dx(at::Tensor& dx2, const at::Tensor& dyz, const at::Tensor& lora_a,
+               const at::Tensor& lora_b, double scaling, double dropout_p,
+               const std::optional<at::Tensor>& seed, bool accumulate) {
+  const auto zdt = dyz.scalar_type();
+  const at::Tensor t = at::mm(dyz, lora_b.to(zdt));
+  if (dropout_p == 0.0 && zdt == dx2.scalar_type()) {
+    at::addmm_out(dx2, dx2, t, lora_a.to(zdt), /*beta=*/accumulate ? 1.0 : 0.0, /*alpha=*/scaling);
+  } else {
+    if (!accumulate) dx2.zero_();
+    const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
+    lowrank_into(dx2, t, lora_a.to(zdt), at::Tensor(), scaling / (1.0 - dropout_p), s, dropout_p,
+                 /*accumulate=*/true);
+  }
+}
+
 }  // namespace
 
 Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -301,13 +330,7 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
   // y is allocated in its final shape and filled through a 2-D view, so the op returns no view.
   at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
   at::Tensor y2 = y.view({rows, out});
-  at::Tensor z = at::empty({rows, lora_a.size(0)}, x.options().dtype(zdt));
-  if (dropout_p == 0.0 && zdt == x.scalar_type()) {
-    at::mm_out(z, x2, lora_a.t());
-  } else {
-    const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
-    project_dropped(x2, lora_a.to(zdt).t(), z, s, dropout_p);
-  }
+  const at::Tensor z = project(x2, lora_a, zdt, dropout_p, seed);
   // y = bias + s z B^T, written once; then y += x W^T inside the GEMM (beta = 1).
   lowrank_into(y2, z, lora_b.to(zdt).t(), bias.has_value() ? *bias : at::Tensor(), scaling, 0, 0.0,
                /*accumulate=*/false);
@@ -333,14 +356,7 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at
     // dx = dy W, then += s drop'(t A) with t = dy B. (Writing the low-rank term first and letting the
     // GEMM accumulate onto it moves as many bytes here: the GEMM would read dx back.)
     at::mm_out(dx2, dy, weight);
-    const at::Tensor t = at::mm(dyz, lora_b.to(zdt));
-    if (dropout_p == 0.0 && zdt == dx.scalar_type()) {
-      dx2.addmm_(t, lora_a, /*beta=*/1.0, /*alpha=*/scaling);
-    } else {
-      const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
-      lowrank_into(dx2, t, lora_a.to(zdt), at::Tensor(), scaling / (1.0 - dropout_p), s, dropout_p,
-                   /*accumulate=*/true);
-    }
+    expand_dx(dx2, dyz, lora_a, lora_b, scaling, dropout_p, seed, /*accumulate=*/true);
   }
   if (output_mask[1]) {
     d_b = at::mm(dyz.t(), z).mul_(scaling).to(lora_b.scalar_type());
@@ -350,6 +366,37 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at
                  .to(grad_y.scalar_type());
   }
   return {dx, d_b, d_bias};
+}
+
+Tensors2 lowrank_forward(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                         double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  check_lowrank_forward("lorafa.lowrank_forward", x, lora_a, lora_b, scaling, dropout_p, seed);
+  KernelScope scope(x);
+  const int64_t out = lora_b.size(0), in = lora_a.size(1), rows = flat_rows(x);
+  const auto zdt = z_dtype(x, lora_a);
+  const at::Tensor z = project(x.reshape({rows, in}), lora_a, zdt, dropout_p, seed);
+  at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
+  at::Tensor y2 = y.view({rows, out});
+  lowrank_into(y2, z, lora_b.to(zdt).t(), at::Tensor(), scaling, 0, 0.0, /*accumulate=*/false);
+  return {y, z};
+}
+
+Tensors2 lowrank_backward(const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& lora_a,
+                          const at::Tensor& lora_b, double scaling, double dropout_p,
+                          const std::optional<at::Tensor>& seed, std::array<bool, 2> output_mask) {
+  check_lowrank_backward("lorafa.lowrank_backward", grad_y, z, lora_a, lora_b, scaling, dropout_p,
+                         seed);
+  KernelScope scope(grad_y);
+  const int64_t out = lora_b.size(0), in = lora_a.size(1), rows = flat_rows(grad_y);
+  const at::Tensor dyz = grad_y.reshape({rows, out}).to(z.scalar_type());
+  at::Tensor dx = grad_y.new_empty({0}), d_b = lora_b.new_empty({0});
+  if (output_mask[0]) {
+    dx = at::empty(with_last(grad_y.sizes(), in), grad_y.options());
+    at::Tensor dx2 = dx.view({rows, in});
+    expand_dx(dx2, dyz, lora_a, lora_b, scaling, dropout_p, seed, /*accumulate=*/false);
+  }
+  if (output_mask[1]) d_b = at::mm(dyz.t(), z).mul_(scaling).to(lora_b.scalar_type());
+  return {dx, d_b};
 }
 
 at::Tensor gram_inverse(const at::Tensor& lora_a, double eps) {

@@ -10,7 +10,7 @@
 // from the seed), the scaling and the bias:
 //   project  z = drop(x) A^T (cuBLAS instead when there is no dropout and the dtypes match),
 //            t = s dy B (cuBLAS instead when the dtypes match), A A^T, the correction
-//   expand   y = bias + s z B^T, dx = drop'(t A)
+//   expand   y = bias + s z B^T (y = s z B^T for lowrank), dx = drop'(t A)
 //   grad_b   dB = s dy^T z and dbias in one read of dy
 //   gram_invert  (A A^T + delta I)^-1
 // Every reduction has a fixed order: results are bitwise repeatable, with no atomics and no host sync.
@@ -103,6 +103,68 @@ int64_t row_stride(const at::Tensor& t) {
   return t.size(0) > 1 ? t.stride(0) : std::max<int64_t>(t.size(1), 1);
 }
 
+// z = drop(x2) A^T, z (rows, r) contiguous, a (r, in) contiguous in z's dtype: cuBLAS when it is a
+// plain product, else the project kernel (dropout, fp32 A).
+template <typename XT, typename ZT>
+void project_z(const at::Tensor& x2, const at::Tensor& a, at::Tensor& z, double dropout_p,
+               const std::optional<at::Tensor>& seed) {
+  const int64_t rows = x2.size(0), in = x2.size(1), r = a.size(0);
+  if (dropout_p == 0.0 && std::is_same_v<XT, ZT>) {
+    gemm(false, true, rows, r, in, 1.0, x2, row_stride(x2), a, in, 0.0, z, r);
+    return;
+  }
+  launch_project(ProjectParams<XT, ZT>{
+      .x = x2.const_data_ptr<XT>(), .sx0 = x2.stride(0), .sx1 = x2.stride(1),
+      .p = a.const_data_ptr<ZT>(), .sp0 = in, .sp1 = 1,
+      .out = z.mutable_data_ptr<ZT>(), .rows = rows, .R = r, .K = in,
+      .alpha = 1.0 / (1.0 - dropout_p), .seed = seed_ptr(seed, dropout_p),
+      .dropout_p = dropout_p});
+}
+
+// dx2 = drop'(t A) with t = s dy B (written, not accumulated): dy (rows, out) from gemm_operand,
+// a (r, in) and b (out, r) contiguous in z's dtype, dx2 (rows, in) contiguous.
+template <typename YT, typename ZT>
+void expand_dx(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& b, at::Tensor& dx2,
+               double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  const int64_t rows = dy.size(0), out = dy.size(1), r = a.size(0), in = a.size(1);
+  // t = s dy B: cuBLAS when the dtypes match, else the project kernel.
+  at::Tensor t = empty({rows, r}, a.options());
+  if (std::is_same_v<YT, ZT>) {
+    gemm(false, false, rows, r, out, scaling, dy, row_stride(dy), b, r, 0.0, t, r);
+  } else {
+    launch_project(ProjectParams<YT, ZT>{
+        .x = dy.const_data_ptr<YT>(), .sx0 = dy.stride(0), .sx1 = 1,
+        .p = b.const_data_ptr<ZT>(), .sp0 = 1, .sp1 = r,
+        .out = t.mutable_data_ptr<ZT>(), .rows = rows, .R = r, .K = out,
+        .alpha = scaling, .seed = nullptr, .dropout_p = 0.0});
+  }
+  launch_expand(ExpandParams<YT, ZT>{
+      .y = dx2.mutable_data_ptr<YT>(), .bias = nullptr, .z = t.const_data_ptr<ZT>(),
+      .q = a.const_data_ptr<ZT>(), .sq0 = 1, .sq1 = in, .rows = rows, .C = in, .R = r,
+      .alpha = 1.0 / (1.0 - dropout_p), .seed = seed_ptr(seed, dropout_p),
+      .dropout_p = dropout_p});
+}
+
+// dB = s dy^T z into *db (out, r) in z's dtype and dbias = colsum(dy) into *dbias (out), each when
+// not null: dy (rows, out) from gemm_operand, z (rows, r) contiguous, out > 0.
+template <typename YT, typename ZT>
+void grad_b(const at::Tensor& dy, const at::Tensor& z, at::Tensor* db, at::Tensor* dbias,
+            double scaling) {
+  using acc_t = acc_type<ZT>;
+  const int64_t rows = dy.size(0), out = dy.size(1), r = z.size(1);
+  const GradBSplit split = grad_b_split(rows, out, r, db != nullptr, sm_count());
+  const auto acc_options = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor db_part = empty({db != nullptr ? split.splits * out * r : 0}, acc_options);
+  at::Tensor bias_part = empty({dbias != nullptr ? split.splits * out : 0}, acc_options);
+  launch_grad_b(GradBParams<YT, ZT>{
+      .dy = dy.const_data_ptr<YT>(), .ldy = dy.stride(0), .z = z.const_data_ptr<ZT>(),
+      .db = db != nullptr ? db->mutable_data_ptr<ZT>() : nullptr,
+      .dbias = dbias != nullptr ? dbias->mutable_data_ptr<YT>() : nullptr,
+      .db_part = db_part.mutable_data_ptr<acc_t>(),
+      .bias_part = bias_part.mutable_data_ptr<acc_t>(), .rows = rows, .out = out, .R = r,
+      .alpha = scaling, .split = split});
+}
+
 }  // namespace
 
 Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -122,20 +184,10 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor y2 = y.view({rows, out});
   at::Tensor z = empty({rows, r}, x.options().dtype(zdt));
   if (rows > 0) {
-    // z = drop(x) A^T: cuBLAS when it is a plain product, else the project kernel (dropout, fp32 A).
-    const bool blas_z = dropout_p == 0.0 && zdt == x.scalar_type();
-    if (blas_z) gemm(false, true, rows, r, in, 1.0, x2, row_stride(x2), a, in, 0.0, z, r);
     dispatch_xz(x.scalar_type(), zdt, "lorafa.linear_forward", [&](auto xtag, auto ztag) {
       using XT = decltype(xtag);
       using ZT = decltype(ztag);
-      if (!blas_z) {
-        launch_project(ProjectParams<XT, ZT>{
-            .x = x2.const_data_ptr<XT>(), .sx0 = x2.stride(0), .sx1 = x2.stride(1),
-            .p = a.const_data_ptr<ZT>(), .sp0 = in, .sp1 = 1,
-            .out = z.mutable_data_ptr<ZT>(), .rows = rows, .R = r, .K = in,
-            .alpha = 1.0 / (1.0 - dropout_p), .seed = seed_ptr(seed, dropout_p),
-            .dropout_p = dropout_p});
-      }
+      project_z<XT, ZT>(x2, a, z, dropout_p, seed);
       // y = bias + s z B^T ...
       launch_expand(ExpandParams<XT, ZT>{
           .y = y2.mutable_data_ptr<XT>(), .bias = bc ? bc->const_data_ptr<XT>() : nullptr,
@@ -170,45 +222,76 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z_in, const
     using YT = decltype(ytag);
     using ZT = decltype(ztag);
     if (output_mask[0] && rows > 0) {
-      // t = s dy B: cuBLAS when the dtypes match, else the project kernel.
-      at::Tensor t = empty({rows, r}, z.options());
-      if (zdt == grad_y.scalar_type()) {
-        gemm(false, false, rows, r, out, scaling, dy, row_stride(dy), b, r, 0.0, t, r);
-      } else {
-        launch_project(ProjectParams<YT, ZT>{
-            .x = dy.const_data_ptr<YT>(), .sx0 = dy.stride(0), .sx1 = 1,
-            .p = b.const_data_ptr<ZT>(), .sp0 = 1, .sp1 = r,
-            .out = t.mutable_data_ptr<ZT>(), .rows = rows, .R = r, .K = out,
-            .alpha = scaling, .seed = nullptr, .dropout_p = 0.0});
-      }
-      // dx = drop'(t A) ...
+      // dx = drop'(s dy B A) ...
       at::Tensor dx2 = dx.view({rows, in});
-      launch_expand(ExpandParams<YT, ZT>{
-          .y = dx2.mutable_data_ptr<YT>(), .bias = nullptr, .z = t.const_data_ptr<ZT>(),
-          .q = a.const_data_ptr<ZT>(), .sq0 = 1, .sq1 = in, .rows = rows, .C = in, .R = r,
-          .alpha = 1.0 / (1.0 - dropout_p), .seed = seed_ptr(seed, dropout_p),
-          .dropout_p = dropout_p});
+      expand_dx<YT, ZT>(dy, a, b, dx2, scaling, dropout_p, seed);
       // ... + dy W.
       const at::Tensor w = weight.contiguous();
       gemm(false, false, rows, in, out, 1.0, dy, row_stride(dy), w, row_stride(w), 1.0, dx2, in);
     }
     if ((output_mask[1] || output_mask[2]) && out > 0) {
-      using acc_t = acc_type<ZT>;
-      const GradBSplit split = grad_b_split(rows, out, r, output_mask[1], sm_count());
-      const auto acc_options = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-      at::Tensor db_part = empty({output_mask[1] ? split.splits * out * r : 0}, acc_options);
-      at::Tensor bias_part = empty({output_mask[2] ? split.splits * out : 0}, acc_options);
-      launch_grad_b(GradBParams<YT, ZT>{
-          .dy = dy.const_data_ptr<YT>(), .ldy = dy.stride(0), .z = z.const_data_ptr<ZT>(),
-          .db = output_mask[1] ? db_z.mutable_data_ptr<ZT>() : nullptr,
-          .dbias = output_mask[2] ? d_bias.mutable_data_ptr<YT>() : nullptr,
-          .db_part = db_part.mutable_data_ptr<acc_t>(),
-          .bias_part = bias_part.mutable_data_ptr<acc_t>(), .rows = rows, .out = out, .R = r,
-          .alpha = scaling, .split = split});
+      grad_b<YT, ZT>(dy, z, output_mask[1] ? &db_z : nullptr, output_mask[2] ? &d_bias : nullptr,
+                     scaling);
     }
   });
   if (output_mask[1]) d_b = db_z.to(lora_b.scalar_type());
   return {dx, d_b, d_bias};
+}
+
+Tensors2 lowrank_forward(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                         double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  check_lowrank_forward("lorafa.lowrank_forward", x, lora_a, lora_b, scaling, dropout_p, seed);
+  KernelScope scope(x);
+  const int64_t out = lora_b.size(0), in = lora_a.size(1), r = lora_a.size(0), rows = flat_rows(x);
+  const auto zdt = z_dtype(x, lora_a);
+  const at::Tensor x2 = gemm_operand(x.reshape({rows, in}));
+  const at::Tensor a = lora_a.to(zdt).contiguous(), b = lora_b.to(zdt).contiguous();
+  at::Tensor y = empty(with_last(x.sizes(), out), x.options());
+  at::Tensor y2 = y.view({rows, out});
+  at::Tensor z = empty({rows, r}, x.options().dtype(zdt));
+  if (rows > 0) {
+    dispatch_xz(x.scalar_type(), zdt, "lorafa.lowrank_forward", [&](auto xtag, auto ztag) {
+      using XT = decltype(xtag);
+      using ZT = decltype(ztag);
+      project_z<XT, ZT>(x2, a, z, dropout_p, seed);
+      // y = s z B^T.
+      launch_expand(ExpandParams<XT, ZT>{
+          .y = y2.mutable_data_ptr<XT>(), .bias = nullptr, .z = z.const_data_ptr<ZT>(),
+          .q = b.const_data_ptr<ZT>(), .sq0 = r, .sq1 = 1, .rows = rows, .C = out, .R = r,
+          .alpha = scaling, .seed = nullptr, .dropout_p = 0.0});
+    });
+  }
+  return {y, z};
+}
+
+Tensors2 lowrank_backward(const at::Tensor& grad_y, const at::Tensor& z_in,
+                          const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+                          double dropout_p, const std::optional<at::Tensor>& seed,
+                          std::array<bool, 2> output_mask) {
+  check_lowrank_backward("lorafa.lowrank_backward", grad_y, z_in, lora_a, lora_b, scaling,
+                         dropout_p, seed);
+  KernelScope scope(grad_y);
+  const int64_t out = lora_b.size(0), in = lora_a.size(1), r = lora_a.size(0);
+  const int64_t rows = flat_rows(grad_y);
+  const auto zdt = z_in.scalar_type();
+  const at::Tensor dy = gemm_operand(grad_y.reshape({rows, out}));
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor a = lora_a.to(zdt).contiguous(), b = lora_b.to(zdt).contiguous();
+  at::Tensor dx = grad_y.new_empty({0}), d_b = lora_b.new_empty({0});
+  at::Tensor db_z;  // dB in z's dtype, before the cast to lora_b's
+  if (output_mask[0]) dx = empty(with_last(grad_y.sizes(), in), grad_y.options());
+  if (output_mask[1]) db_z = empty({out, r}, z.options());
+  dispatch_xz(grad_y.scalar_type(), zdt, "lorafa.lowrank_backward", [&](auto ytag, auto ztag) {
+    using YT = decltype(ytag);
+    using ZT = decltype(ztag);
+    if (output_mask[0] && rows > 0) {
+      at::Tensor dx2 = dx.view({rows, in});
+      expand_dx<YT, ZT>(dy, a, b, dx2, scaling, dropout_p, seed);
+    }
+    if (output_mask[1] && out > 0) grad_b<YT, ZT>(dy, z, &db_z, nullptr, scaling);
+  });
+  if (output_mask[1]) d_b = db_z.to(lora_b.scalar_type());
+  return {dx, d_b};
 }
 
 at::Tensor gram_inverse(const at::Tensor& lora_a, double eps) {

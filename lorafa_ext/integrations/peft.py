@@ -34,6 +34,7 @@ from ..model import (
 )
 from ..modules.base import ActiveAdapter, LoRAFALayer, check_dropout, check_eps, check_rank, is_plain_tensor
 from ..modules.linear import LoRAFALinear
+from ..modules.quantized import is_quantized
 from ..targets import ALL_LINEAR, match_target_modules, name_matches, pattern_value, walk
 
 __all__ = ["save_adapter", "load_adapter", "from_peft", "AdapterError", "LoRAFAPeftLinear"]
@@ -513,8 +514,9 @@ def load_adapter(
 
 
 class _PeftLinearLoRAFA(LoRAFALayer):
-    """The LoRA-FA side of ``LoRAFAPeftLinear``: PEFT's ``lora.Linear`` whose forward runs
-    ``torch.ops.lorafa.linear``, with every lora_A frozen whatever PEFT switches."""
+    """The LoRA-FA side of ``LoRAFAPeftLinear`` (and of the switched bitsandbytes / torchao layers):
+    PEFT's ``lora.Linear`` whose forward runs the LoRA-FA ops (``LoRAFALayer.forward``), with every
+    lora_A frozen whatever PEFT switches."""
 
     @staticmethod
     def _gram_buffer(adapter: str) -> str:
@@ -571,25 +573,55 @@ class _PeftLinearLoRAFA(LoRAFALayer):
         self.refresh_gram_inverse()
 
 
-_SWITCHED_CLASS = None
+_SWITCHED_CLASSES: Dict[type, type] = {}
 
 
-def _switched_class():
-    """``LoRAFAPeftLinear``: PEFT's lora.Linear with the LoRA-FA forward (built lazily: peft is optional)."""
-    global _SWITCHED_CLASS
-    if _SWITCHED_CLASS is None:
-        from peft.tuners.lora.layer import Linear as PeftLinear
+def _switchable_classes() -> Dict[str, type]:
+    """{name of the LoRA-FA class: the PEFT LoRA layer class it switches}: PEFT's lora.Linear and its
+    bitsandbytes 4-bit and 8-bit layers (those only where PEFT defines them: bitsandbytes installed).
+    A subclass (PEFT's torchao layer of lora.Linear) switches to a class of its own."""
+    from peft.tuners.lora import bnb as peft_bnb
+    from peft.tuners.lora.layer import Linear as PeftLinear
 
-        cls = type("LoRAFAPeftLinear", (_PeftLinearLoRAFA, PeftLinear), {"__module__": __name__})
-        cls.__qualname__ = "LoRAFAPeftLinear"
-        _SWITCHED_CLASS = cls
-    return _SWITCHED_CLASS
+    classes = {"LoRAFAPeftLinear": PeftLinear}
+    for name in ("Linear4bit", "Linear8bitLt"):
+        if hasattr(peft_bnb, name):
+            classes[f"LoRAFAPeft{name}"] = getattr(peft_bnb, name)
+    return classes
 
 
-def __getattr__(name):  # lets pickle find the lazily built class
-    if name == "LoRAFAPeftLinear":
-        return _switched_class()
+def _switched_class(peft_cls: Optional[type] = None) -> type:
+    """The PEFT LoRA layer class ``peft_cls`` (default: lora.Linear) with the LoRA-FA forward, built
+    lazily (peft is optional): ``LoRAFAPeftLinear``, ``LoRAFAPeftLinear4bit``, ..."""
+    if peft_cls is None:
+        peft_cls = _switchable_classes()["LoRAFAPeftLinear"]
+    if peft_cls not in _SWITCHED_CLASSES:
+        names = {cls: name for name, cls in _switchable_classes().items()}
+        name = names.get(peft_cls, f"LoRAFAPeft{peft_cls.__name__}")
+        cls = type(name, (_PeftLinearLoRAFA, peft_cls), {"__module__": __name__})
+        cls.__qualname__ = name
+        _SWITCHED_CLASSES[peft_cls] = cls
+    return _SWITCHED_CLASSES[peft_cls]
+
+
+def __getattr__(name):  # lets pickle find the lazily built classes
+    if name.startswith("LoRAFAPeft"):
+        classes = _switchable_classes()
+        if name in classes:
+            return _switched_class(classes[name])
+        for peft_cls, cls in _SWITCHED_CLASSES.items():
+            if cls.__name__ == name:
+                return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _switchable(m: nn.Module) -> Optional[type]:
+    """The PEFT class whose switched class ``m`` becomes (its own class), or None when ``m`` cannot run as
+    LoRA-FA."""
+    if not isinstance(m, tuple(_switchable_classes().values())) or getattr(m, "fan_in_fan_out", False):
+        return None
+    base = m.get_base_layer()
+    return type(m) if isinstance(base, nn.Linear) or is_quantized(base) else None
 
 
 def _check_peft_adapter(m: nn.Module, adapter: str, where: str) -> None:
@@ -616,13 +648,16 @@ def from_peft(peft_model: nn.Module, *, correction: bool = True, eps: float = 1e
     adapters, ...) keeps working. Do not also use ``peft.optimizers.create_lorafa_optimizer``: it
     would apply the correction a second time.
 
+    PEFT's LoRA layers over quantized bases switch too (QLoRA-FA): bitsandbytes ``Linear4bit`` (NF4,
+    FP4) and ``Linear8bitLt``, and ``lora.Linear`` over a torchao-quantized ``nn.Linear``; their base
+    layer runs its own quantized forward and the adapter branch runs ``torch.ops.lorafa.lowrank``.
+
     Every LoRA layer is checked before any is switched: a LoRA layer that cannot become LoRA-FA
-    (Embedding, Conv, a GPT-2 Conv1D base, a quantized base, DoRA, ...) is a TypeError naming them
+    (Embedding, Conv, a GPT-2 Conv1D base, a GPTQ/AWQ/HQQ base, DoRA, ...) is a TypeError naming them
     all; an adapter value LoRA-FA rejects (lora_dropout outside [0, 1), r >= in_features) is a
     ValueError naming the layer.
     """
     try:
-        from peft.tuners.lora.layer import Linear as PeftLinear
         from peft.tuners.lora.layer import LoraLayer
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("from_peft needs peft: pip install 'lorafa_ext[peft]'") from err
@@ -632,23 +667,26 @@ def from_peft(peft_model: nn.Module, *, correction: bool = True, eps: float = 1e
         raise ValueError("from_peft: the model has no PEFT LoRA layers to switch")
     unswitchable = []
     for name, m in lora_layers:
-        if not isinstance(m, PeftLinear):
+        if isinstance(m, _PeftLinearLoRAFA):
+            continue
+        if not isinstance(m, tuple(_switchable_classes().values())):
             unswitchable.append(f"{name} ({type(m).__name__})")
-        elif not isinstance(m.get_base_layer(), nn.Linear) or getattr(m, "fan_in_fan_out", False):
-            unswitchable.append(f"{name} (lora.Linear over a {type(m.get_base_layer()).__name__})")
+        elif _switchable(m) is None:
+            kind = "lora.Linear" if type(m).__name__ == "Linear" else type(m).__name__
+            unswitchable.append(f"{name} ({kind} over a {type(m.get_base_layer()).__name__})")
     if unswitchable:
         raise TypeError(
             f"from_peft: {len(unswitchable)} LoRA layers cannot run as LoRA-FA (only PEFT lora.Linear over an "
-            f"nn.Linear can), and would train as plain LoRA: {', '.join(unswitchable)}. Leave them out of "
+            "nn.Linear or a torchao-quantized one, and PEFT's bitsandbytes Linear4bit / Linear8bitLt, can), "
+            f"and would train as plain LoRA: {', '.join(unswitchable)}. Leave them out of "
             "target_modules (or train such modules in full with modules_to_save)."
         )
     for name, m in lora_layers:  # check them all before switching any
         for adapter in m.lora_A:
             _check_peft_adapter(m, adapter, f"from_peft: layer {name!r} (adapter {adapter!r})")
-    cls = _switched_class()
     for _, m in lora_layers:
-        if not isinstance(m, cls):
-            m.__class__ = cls
+        if not isinstance(m, _PeftLinearLoRAFA):
+            m.__class__ = _switched_class(type(m))
         m._init_lorafa(correction, eps)
         m.freeze_lora_a()
         m.refresh_gram_inverse()

@@ -1,13 +1,15 @@
-"""``LoRAFALayer``: the base of every layer whose adapter runs through ``torch.ops.lorafa.linear``.
+"""``LoRAFALayer``: the base of every layer whose adapter runs through the LoRA-FA ops.
 
-    y = x W^T + bias + s * (drop(x) A^T) B^T
+    y = x W^T + bias + s * (drop(x) A^T) B^T        torch.ops.lorafa.linear, for an nn.Linear base
+    y = base_layer(x) + s * (drop(x) A^T) B^T       torch.ops.lorafa.lowrank, for a quantized base
+                                                    (bitsandbytes, torchao: modules/quantized.py)
 
 The base owns what all LoRA-FA layers share: the forward, the cache of the Gram inverse
 (A A^T + delta I)^-1 that B's corrected gradient needs, A's freezing and the list of trainable
 parameters. A subclass says where its adapters live (one in ``LoRAFALinear``; one per adapter name in
 a PEFT ``lora.Linear`` switched by ``from_peft``) through four methods:
 
-    lorafa_base_layer()        the frozen nn.Linear (W, bias)
+    lorafa_base_layer()        the frozen nn.Linear (W, bias), or a quantized linear layer
     lorafa_adapters()          every adapter: {gram buffer name: (lora_A, lora_B)}
     lorafa_active_adapter()    the adapter this forward uses, as an ``ActiveAdapter``; None to run
                                ``lorafa_plain_forward`` instead (merged, disabled, ...)
@@ -22,6 +24,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .quantized import is_quantized
 
 __all__ = ["LoRAFALayer", "ActiveAdapter", "check_rank", "check_alpha", "check_dropout", "check_eps"]
 
@@ -108,6 +112,13 @@ class LoRAFALayer(nn.Module):
         base = self.lorafa_base_layer()
         correction = self.correction and torch.is_grad_enabled() and active.lora_b.requires_grad
         gram_inv = self._cached_gram(active.gram_buffer, active.lora_a) if correction else None
+        if is_quantized(base):
+            y = base(x)
+            lowrank = torch.ops.lorafa.lowrank(
+                x, active.lora_a, active.lora_b, active.scaling, active.dropout_p, correction, None, self.eps,
+                gram_inv,
+            )
+            return y + lowrank.to(y.dtype)
         return torch.ops.lorafa.linear(
             x, base.weight, base.bias, active.lora_a, active.lora_b, active.scaling, active.dropout_p,
             correction, None, self.eps, gram_inv,

@@ -2,6 +2,10 @@
 
     y = x W^T + bias + s * (drop(x) A^T) B^T,   s = alpha / r   (alpha / sqrt(r) with rsLoRA)
 
+Over a quantized base layer (QLoRA-FA: bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, an
+``nn.Linear`` with a torchao quantized weight) the base layer runs its own forward and the adapter
+branch runs through ``torch.ops.lorafa.lowrank``: y = base_layer(x) + s * (drop(x) A^T) B^T.
+
 W, bias and A are frozen; only B trains. With ``correction=True`` B's gradient is the LoRA-FA
 closed-form correction (1/s^2) dB (A A^T + delta I)^-1, so a plain optimizer (``torch.optim.AdamW``)
 trains LoRA-FA. The Gram inverse (A A^T + delta I)^-1 is cached in a non-persistent buffer and
@@ -17,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import ActiveAdapter, LoRAFALayer, check_alpha, check_dropout, check_eps, check_rank, gram_dtype
+from .quantized import quantization_of
 
 __all__ = ["LoRAFALinear", "INITS", "check_init"]
 
@@ -44,7 +49,8 @@ class LoRAFALinear(LoRAFALayer):
     """LoRA-FA adapter around an ``nn.Linear``.
 
     Args:
-        base_layer: the ``nn.Linear`` to adapt; its weight and bias are frozen (``requires_grad=False``).
+        base_layer: the ``nn.Linear`` to adapt, or a quantized linear layer (see modules/quantized.py);
+            its weight and bias are frozen (``requires_grad=False``).
         r: rank of the adapter, 1 <= r < in_features (see ``check_rank``).
         lora_alpha: scaling numerator; s = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``.
         lora_dropout: dropout probability on the adapter's input (training mode only), in [0, 1).
@@ -54,8 +60,10 @@ class LoRAFALinear(LoRAFALayer):
             (PEFT's: A ~ N(0, 1/r^2), B zeros) or "orthogonal" (A = Q / sqrt(3) with Q having
             orthonormal rows, so A A^T = I / 3, the expected Gram matrix of the kaiming init; B zeros).
         eps: relative regulariser of the Gram matrix, delta = eps * trace(A A^T) / r.
-        adapter_dtype: dtype of A and B. Default: float32 for a float16/bfloat16 base layer (as PEFT's
-            ``autocast_adapter_dtype``), else the base layer's dtype. Must be the base dtype or float32.
+        adapter_dtype: dtype of A and B. Default: float32 for a float16/bfloat16 or quantized base layer
+            (as PEFT's ``autocast_adapter_dtype``), else the base layer's dtype. Must be the base dtype
+            or float32 (any floating-point dtype over a quantized base; the input's dtype or float32
+            at forward).
         name: the layer's name in its model, used in error messages.
 
     Parameters and buffers: ``base_layer`` (frozen), ``lora_A`` (r, in; frozen), ``lora_B``
@@ -122,6 +130,12 @@ class LoRAFALinear(LoRAFALayer):
         check_eps(eps, where)
         check_init(init, where)
         weight = base_layer.weight
+        if quantization_of(base_layer) is not None:
+            if adapter_dtype is None:
+                return torch.float32
+            if not adapter_dtype.is_floating_point:
+                raise ValueError(f"{where}: adapter_dtype must be a floating-point dtype, got {adapter_dtype}")
+            return adapter_dtype
         if not weight.dtype.is_floating_point:
             raise TypeError(f"{where}: base layer weight must be floating point, got {weight.dtype}")
         if adapter_dtype is None:
@@ -216,6 +230,12 @@ class LoRAFALinear(LoRAFALayer):
         if self.merged:
             warnings.warn("LoRAFALinear.merge(): already merged, nothing to do")
             return
+        quantization = quantization_of(self.base_layer)
+        if quantization is not None:
+            raise NotImplementedError(
+                f"LoRAFALinear.merge(): the base layer is quantized ({quantization}); merging s B A into a "
+                "quantized weight is not supported (save the adapter instead)"
+            )
         w = self.base_layer.weight
         merged = (w.to(merge_dtype(w.dtype)) + self.get_delta_weight()).to(w.dtype)
         if safe_merge and not torch.isfinite(merged).all():

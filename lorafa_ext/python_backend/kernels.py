@@ -70,6 +70,34 @@ def linear_backward(grad_y, z, weight, lora_a, lora_b, scaling, dropout_p, seed,
     return dx, d_b, d_bias
 
 
+def lowrank_forward(x, lora_a, lora_b, scaling, dropout_p=0.0, seed=None):
+    _checks.check_lowrank_forward("lorafa.lowrank_forward", x, lora_a, lora_b, scaling, dropout_p, seed)
+    out, n_in = lora_b.shape[0], lora_a.shape[1]
+    zdt = torch.promote_types(x.dtype, lora_a.dtype)
+    y = x.new_empty((*x.shape[:-1], out))
+    with _no_autocast(x.device):
+        rows = math.prod(x.shape[:-1])
+        z = _dropped(x.reshape(rows, n_in).to(zdt), seed, dropout_p) @ lora_a.to(zdt).t()
+        y.view(rows, out).copy_((z @ lora_b.to(zdt).t()).mul_(scaling))
+    return y, z
+
+
+def lowrank_backward(grad_y, z, lora_a, lora_b, scaling, dropout_p, seed, output_mask):
+    _checks.check_lowrank_backward("lorafa.lowrank_backward", grad_y, z, lora_a, lora_b, scaling, dropout_p, seed)
+    out, n_in = lora_b.shape[0], lora_a.shape[1]
+    dx, d_b = grad_y.new_empty(0), lora_b.new_empty(0)
+    with _no_autocast(grad_y.device):
+        rows = math.prod(grad_y.shape[:-1])
+        dyz = grad_y.reshape(rows, out).to(z.dtype)
+        if output_mask[0]:
+            lowrank = _dropped((dyz @ lora_b.to(z.dtype)) @ lora_a.to(z.dtype), seed, dropout_p)
+            dx = grad_y.new_empty((*grad_y.shape[:-1], n_in))  # not a view of a temporary
+            dx.view(rows, n_in).copy_(lowrank.mul_(scaling))
+        if output_mask[1]:
+            d_b = (dyz.t() @ z).mul_(scaling).to(lora_b.dtype)
+    return dx, d_b
+
+
 def gram_inverse(lora_a, eps=1e-6):
     _checks.check_gram_inverse("lorafa.gram_inverse", lora_a, eps)
     a = lora_a.to(_checks.gram_dtype(lora_a.dtype))

@@ -11,7 +11,8 @@ import torch
 from tests.emulator.build import NAMESPACE, build
 
 # The ops whose fakes (lorafa_ext.ops._<op>_fake) are registered for the emulated namespace too.
-_OPS = ["_linear", "linear_forward", "linear_backward", "gram_inverse", "correct_grad", "dropout_mask"]
+_OPS = ["_linear", "linear_forward", "linear_backward", "_lowrank", "lowrank_forward", "lowrank_backward",
+        "gram_inverse", "correct_grad", "dropout_mask"]
 _loaded = {}
 
 
