@@ -7,32 +7,35 @@ forward can use.
 
 A LoRA-FA layer over such a base runs ``base_layer(x) + lowrank(x, A, B, s, ...)``: the base layer's
 own quantized forward, and the adapter branch through ``torch.ops.lorafa.lowrank``. Neither library is
-imported here: a module is recognised by the module path of its class (or of its weight's class).
+imported here.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from torch import nn
 
 __all__ = ["quantization_of", "is_quantized"]
 
-_BNB_LINEAR = {"Linear4bit": "bitsandbytes 4-bit", "LinearNF4": "bitsandbytes 4-bit",
-               "LinearFP4": "bitsandbytes 4-bit", "Linear8bitLt": "bitsandbytes 8-bit"}
-
-
-def _from_library(cls: type, library: str) -> bool:
-    return any(c.__module__.split(".")[0] == library for c in cls.__mro__)
-
 
 def quantization_of(layer: nn.Module) -> Optional[str]:
     """"bitsandbytes 4-bit", "bitsandbytes 8-bit" or "torchao" for a quantized linear layer, None for
-    any other module (a plain ``nn.Linear`` among them)."""
-    for cls in type(layer).__mro__:
-        if cls.__module__.split(".")[0] == "bitsandbytes" and cls.__name__ in _BNB_LINEAR:
-            return _BNB_LINEAR[cls.__name__]
-    weight = getattr(layer, "weight", None)
-    if isinstance(layer, nn.Linear) and weight is not None and _from_library(type(weight), "torchao"):
+    any other module (a plain ``nn.Linear`` among them). A library that is not imported cannot have
+    made the layer, so only imported ones are asked (through ``isinstance``, which torch.compile
+    traces)."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None:
+        if isinstance(layer, bnb.nn.Linear4bit):
+            return "bitsandbytes 4-bit"
+        if isinstance(layer, bnb.nn.Linear8bitLt):
+            return "bitsandbytes 8-bit"
+    torchao_utils = sys.modules.get("torchao.utils")
+    if (
+        torchao_utils is not None
+        and isinstance(layer, nn.Linear)
+        and isinstance(getattr(layer, "weight", None), torchao_utils.TorchAOBaseTensor)
+    ):
         return "torchao"
     return None
 
