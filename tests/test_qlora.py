@@ -81,7 +81,7 @@ def _step(model, x):
     x = x.detach().clone().requires_grad_(True)
     y = model(x)
     y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(7)))
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_B" in n}
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if "lora_B" in n}
     return y.detach(), x.grad, grads
 
 
@@ -202,3 +202,20 @@ def test_switched_class_pickles_by_name():
 
     assert getattr(integration, cls.__name__) is cls
     assert copy.deepcopy(cls) is cls
+
+
+@pytest.mark.parametrize("quant", ["nf4", "torchao-int8"])
+def test_compile_fullgraph_matches_eager(quant):
+    torch._dynamo.reset()
+    model = apply_lorafa(_quantized_model(quant), ["up", "down"], r=4, lora_alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    eager = _step(model, _x())
+    compiled = _step(torch.compile(model, fullgraph=True, backend="aot_eager"), _x())
+    for a, b in zip(eager[:2], compiled[:2]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for name in eager[2]:
+        torch.testing.assert_close(compiled[2][name], eager[2][name], rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
