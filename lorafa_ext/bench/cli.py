@@ -98,6 +98,9 @@ def _e2e_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--lora-dropouts", type=_floats, help="LoRA dropout settings, e.g. 0,0.05")
     e.add_argument("--adapter-dtype", choices=["model", "fp32"], default="model",
                    help="adapters in the model's dtype for every method (default), or fp32 (PEFT's default)")
+    e.add_argument("--e2e-quant", choices=list(_e2e.QUANTS), default="none",
+                   help="QLoRA: bitsandbytes-quantized projections (nf4, fp4, int8) under the LoRA methods "
+                        "(PEFT QLoRA, PEFT's LoRA-FA optimizer, QLoRA-FA); needs bitsandbytes")
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
@@ -209,7 +212,8 @@ def _e2e_config(args, device) -> "_e2e.E2EConfig":
         kw["grad_ckpt"] = {"off": (False,), "on": (True,), "both": (False, True)}[args.grad_ckpt]
     if args.lora_dropouts is not None:
         kw["dropouts"] = tuple(args.lora_dropouts)
-    return _e2e.E2EConfig(**kw, methods=list(args.e2e_methods), adapter_dtype=args.adapter_dtype, seed=args.seed)
+    return _e2e.E2EConfig(**kw, methods=list(args.e2e_methods), adapter_dtype=args.adapter_dtype,
+                          quant=args.e2e_quant, seed=args.seed)
 
 
 def _has_transformers(notes: list) -> bool:

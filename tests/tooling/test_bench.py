@@ -322,6 +322,25 @@ def test_e2e_no_oom_compares_at_requested_batch():
 
 
 @needs_transformers
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_e2e_qlora_methods_over_quantized_projections():
+    """QLoRA: the three LoRA methods train over bitsandbytes NF4 projections (full fine-tuning is
+    skipped with a note); QLoRA-FA saves less for backward than PEFT QLoRA and PEFT's LoRA-FA
+    optimizer, with dropout on."""
+    pytest.importorskip("bitsandbytes")
+    cfg = _e2e_cfg(model="tiny", batch=2, seq=16, dropouts=(0.05,), quant="nf4")
+    notes = []
+    res = e2e_mod.run_e2e(cfg, torch.device("cpu"), notes=notes)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"peft_lora", "peft_lorafa", "lorafa"} and any("nf4" in n for n in notes)
+    assert all(r["status"] == "ok" for r in rows.values()), [r["status"] for r in rows.values()]
+    assert rows["lorafa"]["trainable_params"] == rows["peft_lorafa"]["trainable_params"]
+    saved = {m: r["saved_activation_bytes"] for m, r in rows.items()}
+    assert saved["lorafa"] < saved["peft_lorafa"] < saved["peft_lora"], saved
+    assert res["config"]["quant"] == "nf4"
+
+
+@needs_transformers
 def test_e2e_saved_activations_none_with_grad_ckpt(tmp_path):
     """Checkpointing's own saved_tensors_hooks hide the saved tensors: n/a there, not a wrong number."""
     methods = ("lorafa",) + (("peft_lora",) if HAS_PEFT else ())

@@ -11,6 +11,12 @@ alpha = 32. Methods:
                  ``lorafa_ext.lorafa_parameters(model)``
 
 AdamW is fused on a GPU.
+
+QLoRA (``E2EConfig.quant``: "nf4", "fp4" or "int8"): the seven projections of every decoder block
+are bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layers (compute in the model's dtype), as
+transformers loads a model in 4 or 8 bit, and the three LoRA methods train adapters over them: PEFT
+QLoRA (PEFT's bitsandbytes LoRA layers), PEFT's LoRA-FA optimizer over those, and QLoRA-FA
+(``apply_lorafa`` over the quantized layers). Full fine-tuning has no quantized variant.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ MODEL_PRESETS = {
 }
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("full", "peft_lora", "peft_lorafa", "lorafa")
+QUANTS = ("none", "nf4", "fp4", "int8")
 METHOD_LABELS = {"full": "full fine-tuning", "peft_lora": "PEFT LoRA", "peft_lorafa": "PEFT LoRA-FA",
                  "lorafa": "lorafa_ext"}
 CKPT_SAVED_NOTE = ("saved activations are n/a with gradient checkpointing: non-reentrant checkpointing installs "
@@ -56,6 +63,7 @@ class E2EConfig:
     methods: Sequence[str] = METHODS
     lr: float = 1e-4
     adapter_dtype: str = "model"   # "model": adapters in the model's dtype for every method; "fp32"
+    quant: str = "none"            # "nf4", "fp4", "int8": bitsandbytes-quantized projections (QLoRA)
     seed: int = 0
     # Test hook: simulate_oom(method, batch) -> True raises torch.OutOfMemoryError in that run.
     simulate_oom: Callable | None = field(default=None, repr=False)
@@ -91,6 +99,32 @@ def build_model(model_cfg: dict, dtype: torch.dtype, device, seed: int = 0):
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
     model.train()
+    return model
+
+
+def quantize_projections(model, quant: str, dtype: torch.dtype, device):
+    """Replace the TARGET_MODULES projections of `model` by bitsandbytes layers holding their weights
+    quantized ("nf4", "fp4": ``Linear4bit`` computing in `dtype`; "int8": ``Linear8bitLt``), in place,
+    and mark the model as transformers marks one loaded in 4 or 8 bit (PEFT then builds its
+    bitsandbytes LoRA layers)."""
+    import bitsandbytes as bnb
+
+    names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TARGET_MODULES]
+    for name in names:
+        parent_name, child = name.rsplit(".", 1)
+        parent, lin = model.get_submodule(parent_name), model.get_submodule(name)
+        w = lin.weight.detach().to("cpu", torch.float32)
+        if quant == "int8":
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, lin.bias is not None, has_fp16_weights=False)
+            q.weight = bnb.nn.Int8Params(w.to(dtype), requires_grad=False, has_fp16_weights=False)
+        else:
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, compute_dtype=dtype,
+                                  quant_type=quant)
+            q.weight = bnb.nn.Params4bit(w.to(dtype), requires_grad=False, quant_type=quant)
+        if lin.bias is not None:
+            q.bias = torch.nn.Parameter(lin.bias.detach().cpu(), requires_grad=False)
+        setattr(parent, child, q.to(device))  # the move quantizes
+    model.is_loaded_in_4bit, model.is_loaded_in_8bit = quant != "int8", quant == "int8"
     return model
 
 

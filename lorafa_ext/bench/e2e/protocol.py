@@ -298,6 +298,9 @@ def run_e2e(cfg: E2EConfig, device, bar=None, notes: list | None = None) -> dict
     device = torch.device(device)
     notes = notes if notes is not None else []
     methods = available_methods(cfg.methods, notes)
+    if cfg.quant != "none" and "full" in methods:
+        notes.append(f"e2e: full fine-tuning has no {cfg.quant}-quantized variant: skipped")
+        methods = [m for m in methods if m != "full"]
     if device.type == "cuda":
         reason = _warm_cublas(device, DTYPES[cfg.dtype])
         if reason is not None:

@@ -16,7 +16,7 @@ import torch
 
 from ..memory import SavedTensorCounter
 from ..variants import DTYPES
-from .models import E2EConfig, build_model, prepare
+from .models import E2EConfig, build_model, prepare, quantize_projections
 
 
 def sync(device) -> None:
@@ -32,6 +32,8 @@ class Trainer:
             raise torch.OutOfMemoryError("simulated out of memory")
         self.device = torch.device(device)
         model = build_model(cfg.model_config(), DTYPES[cfg.dtype], self.device, seed=cfg.seed)
+        if cfg.quant != "none":
+            model = quantize_projections(model, cfg.quant, DTYPES[cfg.dtype], self.device)
         if grad_ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.frozen = list(model.parameters())  # before wrapping: every base weight
