@@ -34,6 +34,7 @@ from ..model import (
 )
 from ..modules.base import ActiveAdapter, LoRAFALayer, check_dropout, check_eps, check_rank, is_plain_tensor
 from ..modules.linear import LoRAFALinear
+from .transformers import attach_checkpointing
 from ..targets import ALL_LINEAR, match_target_modules, name_matches, pattern_value, walk
 
 __all__ = ["save_adapter", "load_adapter", "from_peft", "AdapterError", "LoRAFAPeftLinear"]
@@ -504,6 +505,7 @@ def load_adapter(
     keep += [p for mod, _ in saved_plan for p in mod.parameters()]
     replaced = replace_modules(model, new_layers)
     freeze_all_but(replaced, keep)
+    attach_checkpointing(replaced)
     if replaced is not model:  # the model itself was the one adapted Linear
         return replaced
     return wrapper
