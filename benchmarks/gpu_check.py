@@ -127,8 +127,10 @@ def log(msg: str) -> None:
 
 def child_env(**extra) -> dict:
     """The environment of every child: unbuffered output, the checkout (and this folder, for -p gpu_check)
-    first on the import path, the interpreter's folder first on PATH."""
+    first on the import path, the interpreter's folder first on PATH. LORAFA_FORCE_PYTHON is dropped: the
+    check is of the compiled library."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
+    env.pop("LORAFA_FORCE_PYTHON", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(HERE), env.get("PYTHONPATH")) if p)
     # the interpreter's own bin folder first: a virtual environment's ninja (the parallel build) lives there
     env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH")) if p)
