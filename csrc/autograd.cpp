@@ -18,7 +18,7 @@ using OptTensor = std::optional<at::Tensor>;
 
 const auto& linear_op() {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lorafa::_linear", "")
+                             .findSchemaOrThrow(LORAFA_OP("_linear"), "")
                              .typed<Tensors2(const at::Tensor&, const at::Tensor&, const OptTensor&,
                                              const at::Tensor&, const at::Tensor&, double, double,
                                              const OptTensor&, bool, double, const OptTensor&)>();
@@ -27,7 +27,7 @@ const auto& linear_op() {
 
 const auto& backward_op() {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lorafa::linear_backward", "")
+                             .findSchemaOrThrow(LORAFA_OP("linear_backward"), "")
                              .typed<Tensors3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                              const at::Tensor&, const at::Tensor&, double, double,
                                              const OptTensor&, std::array<bool, 3>)>();
@@ -36,14 +36,14 @@ const auto& backward_op() {
 
 const auto& gram_inverse_op() {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lorafa::gram_inverse", "")
+                             .findSchemaOrThrow(LORAFA_OP("gram_inverse"), "")
                              .typed<at::Tensor(const at::Tensor&, double)>();
   return op;
 }
 
 const auto& correct_grad_op() {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lorafa::correct_grad", "")
+                             .findSchemaOrThrow(LORAFA_OP("correct_grad"), "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
   return op;
 }
@@ -107,6 +107,6 @@ Tensors2 linear_autograd(const at::Tensor& x, const at::Tensor& weight, const Op
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lorafa, Autograd, m) { m.impl("_linear", &linear_autograd); }
+LORAFA_LIBRARY_IMPL(Autograd, m) { m.impl("_linear", &linear_autograd); }
 
 }  // namespace lorafa

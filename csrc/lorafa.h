@@ -1,11 +1,29 @@
-// Declarations shared by the lorafa op registrations (ops.cpp) and the CPU and CUDA kernels.
+// Declarations shared by the op registrations (ops.cpp, autograd.cpp) and the CPU and CUDA backends.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
 
-#include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
+
+// The op namespace, torch.ops.<LORAFA_NAMESPACE>: `lorafa`, or another name for a second build of the
+// same sources that must not collide with it (the test suite's emulated CUDA device builds them as
+// `lorafa_emulated`). LORAFA_OP("name") is the qualified name "<namespace>::name".
+#ifndef LORAFA_NAMESPACE
+#define LORAFA_NAMESPACE lorafa
+#endif
+#define LORAFA_STR_(x) #x
+#define LORAFA_STR(x) LORAFA_STR_(x)
+#define LORAFA_OP(name) LORAFA_STR(LORAFA_NAMESPACE) "::" name
+// TORCH_LIBRARY(_IMPL) paste their arguments unexpanded: these expand the namespace (and key) first.
+#define LORAFA_LIBRARY_(ns, m) TORCH_LIBRARY(ns, m)
+#define LORAFA_LIBRARY(m) LORAFA_LIBRARY_(LORAFA_NAMESPACE, m)
+#define LORAFA_LIBRARY_IMPL_(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+#define LORAFA_LIBRARY_IMPL(key, m) LORAFA_LIBRARY_IMPL_(LORAFA_NAMESPACE, key, m)
 
 namespace lorafa {
 
@@ -29,21 +47,43 @@ at::ScalarType z_dtype(const at::Tensor& x, const at::Tensor& lora_a);
 // Dtype of the Gram matrix and its inverse: promote(lora_a, float32).
 at::ScalarType gram_dtype(const at::Tensor& lora_a);
 
+// `sizes` with the last dim replaced by `last` (the shape of y or dx from that of x or grad_y).
+inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> shape(sizes.begin(), sizes.end());
+  shape.back() = last;
+  return shape;
+}
+
+// Scope of a backend kernel: on the tensors' device, below autocast (the composite `linear` has
+// already cast to the autocast dtype).
+struct KernelScope {
+  explicit KernelScope(const at::Tensor& t) : device(t.device()) {}
+  c10::DeviceGuard device;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
+
 using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-namespace cpu {
-Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                        const at::Tensor& lora_b, double scaling, double dropout_p,
-                        const std::optional<at::Tensor>& seed);
-Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& weight,
-                         const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
-                         double dropout_p, const std::optional<at::Tensor>& seed,
-                         std::array<bool, 3> output_mask);
-at::Tensor gram_inverse(const at::Tensor& lora_a, double eps);
-at::Tensor correct_grad(const at::Tensor& grad_b, const at::Tensor& gram_inv, double scaling);
-at::Tensor dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double p);
-}  // namespace cpu
+// The `_linear` kernel of a backend: its linear_forward (the correction arguments only matter to the
+// autograd formula, autograd.cpp).
+template <auto LinearForward>
+Tensors2 linear_kernel(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                       const at::Tensor& lora_b, double scaling, double dropout_p,
+                       const std::optional<at::Tensor>& seed, bool /*correction*/, double /*eps*/,
+                       const std::optional<at::Tensor>& /*gram_inv*/) {
+  return LinearForward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
+}
+
+// Inside a LORAFA_LIBRARY_IMPL block: registers the kernels of the backend namespace `ns`, which
+// defines linear_forward, linear_backward, gram_inverse, correct_grad and dropout_mask.
+#define LORAFA_REGISTER_BACKEND(m, ns)                              \
+  m.impl("_linear", &::lorafa::linear_kernel<&ns::linear_forward>); \
+  m.impl("linear_forward", &ns::linear_forward);                    \
+  m.impl("linear_backward", &ns::linear_backward);                  \
+  m.impl("gram_inverse", &ns::gram_inverse);                        \
+  m.impl("correct_grad", &ns::correct_grad);                        \
+  m.impl("dropout_mask", &ns::dropout_mask)
 
 }  // namespace lorafa

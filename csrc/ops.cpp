@@ -1,5 +1,6 @@
-// The lorafa op library: every schema, the composite entry point `linear`, and the CPU kernels.
-// CUDA kernels register in cuda/lorafa_cuda.cu, autograd in autograd.cpp, fakes in lorafa_ext/ops.py.
+// The lorafa op library: every schema and the composite entry point `linear`. The backends register
+// in their own files (cpu/lorafa_cpu.cpp, cuda/lorafa_cuda.cu), autograd in autograd.cpp, the fakes in
+// lorafa_ext/ops.py.
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
@@ -46,7 +47,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in,
     seed_t = seed.has_value() ? at::full({}, *seed, opts) : at::randint(int64_t(1) << 62, {}, opts);
   }
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lorafa::_linear", "")
+                       .findSchemaOrThrow(LORAFA_OP("_linear"), "")
                        .typed<Tensors2(const at::Tensor&, const at::Tensor&,
                                        const std::optional<at::Tensor>&, const at::Tensor&,
                                        const at::Tensor&, double, double,
@@ -56,17 +57,9 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in,
                              correction, eps, gram_inv));
 }
 
-Tensors2 linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                    const at::Tensor& lora_b, double scaling, double dropout_p,
-                    const std::optional<at::Tensor>& seed, bool /*correction*/, double /*eps*/,
-                    const std::optional<at::Tensor>& /*gram_inv*/) {
-  return cpu::linear_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
-}
-
 }  // namespace
 
-TORCH_LIBRARY(lorafa, m) {
+LORAFA_LIBRARY(m) {
   m.def(
       "linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, "
       "float dropout_p=0., bool correction=False, int? seed=None, float eps=1e-06, "
@@ -86,15 +79,6 @@ TORCH_LIBRARY(lorafa, m) {
   m.def("correct_grad(Tensor grad_b, Tensor gram_inv, float scaling) -> Tensor");
   m.def("dropout_mask(Tensor seed, int rows, int cols, float p) -> Tensor");
   m.impl("linear", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(linear));
-}
-
-TORCH_LIBRARY_IMPL(lorafa, CPU, m) {
-  m.impl("_linear", &linear_cpu);
-  m.impl("linear_forward", &cpu::linear_forward);
-  m.impl("linear_backward", &cpu::linear_backward);
-  m.impl("gram_inverse", &cpu::gram_inverse);
-  m.impl("correct_grad", &cpu::correct_grad);
-  m.impl("dropout_mask", &cpu::dropout_mask);
 }
 
 }  // namespace lorafa

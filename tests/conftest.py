@@ -12,6 +12,11 @@ import torch  # noqa: E402
 from tests.helpers import DEVICES, HAS_CUDA  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "emulated: runs on the emulated CUDA device (tests/emulator)")
+    config.addinivalue_line("markers", "slow: minutes long; skipped unless LORAFA_SLOW_TESTS=1")
+
+
 @pytest.fixture(autouse=True)
 def _stop_on_sticky_cuda_error(request):
     """After a test that used CUDA, synchronise: an asynchronous error (an illegal address) leaves the
@@ -27,5 +32,6 @@ def _stop_on_sticky_cuda_error(request):
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    """"cpu" always, "cuda" only when a GPU is present (skipped otherwise)."""
+    """"cpu" always, "cuda" only when a GPU is present, EMULATED (the emulated CUDA device) unless
+    LORAFA_FORCE_PYTHON=1 or LORAFA_EMULATOR=0 (skipped otherwise)."""
     return request.param

@@ -20,13 +20,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import lorafa_ext  # noqa: F401  (registers torch.ops.lorafa)
 from lorafa_ext import reference
+from tests import emulator
 
 ops = torch.ops.lorafa
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+class EmulatedDevice(str):
+    """The emulated CUDA device (tests/emulator): the CUDA backend's kernels and host code compiled for
+    the CPU. Its tensors are CPU tensors, so to torch it is the string "cpu"; its ops are
+    torch.ops.lorafa_emulated (``ops_for``)."""
+
+    def __new__(cls):
+        return super().__new__(cls, "cpu")
+
+    def __repr__(self):
+        return "EMULATED"
+
+
+EMULATED = EmulatedDevice()
+requires_emulator = pytest.mark.skipif(emulator.skip_reason() is not None, reason=str(emulator.skip_reason()))
+
+# The devices of the op tests: the CPU, a GPU when present, and the emulated CUDA device.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=requires_cuda),
+    pytest.param(EMULATED, id="emulated", marks=[requires_emulator, pytest.mark.emulated]),
+]
+
+
+def ops_for(device):
+    """The op library that serves ``device``: torch.ops.lorafa, or torch.ops.lorafa_emulated."""
+    return emulator.load() if isinstance(device, EmulatedDevice) else ops
+
 
 DTYPES = {
     "fp64": torch.float64,
@@ -115,7 +143,7 @@ def flat_rows(x):
 def op_mask(seed, rows, cols, p, device):
     if p == 0.0:
         return None
-    return ops.dropout_mask(seed_tensor(seed, device), rows, cols, p)
+    return ops_for(device).dropout_mask(seed_tensor(seed, device), rows, cols, p)
 
 
 # --------------------------------------------------------------------------------------------------

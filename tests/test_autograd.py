@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import _cpu, make_case, make_dy, op_mask, ops, ref_backward, seed_tensor
+from tests.helpers import _cpu, make_case, make_dy, op_mask, ops, ops_for, ref_backward, seed_tensor
 from lorafa_ext import reference
 
 
@@ -16,6 +16,7 @@ from lorafa_ext import reference
 @pytest.mark.parametrize("p,seed", [(0.0, None), (0.4, 123), (0.4, 2**35 + 9)])
 @pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=str)
 def test_gradcheck(device, lead, p, seed, bias):
+    ops = ops_for(device)
     c = make_case(lead, 6, 4, 3, "fp64", device=device, bias=bias, seed=1)
     x = c["x"].detach().requires_grad_(True)
     bb = c["lora_b"].detach().requires_grad_(True)
@@ -31,6 +32,7 @@ def test_gradcheck(device, lead, p, seed, bias):
 
 def test_gradcheck_detects_correction(device):
     """Sanity of the gradcheck above: with correction=True, lora_b's gradient is not the true one."""
+    ops = ops_for(device)
     c = make_case(5, 6, 4, 3, "fp64", device=device, seed=2)
     bb = c["lora_b"].detach().requires_grad_(True)
 
@@ -45,6 +47,7 @@ def test_gradcheck_detects_correction(device):
 def test_grad_subsets(device, wanted, p, correction):
     """torch.autograd.grad on any subset of the differentiable inputs (the kernel computes only the
     requested gradients) gives the reference values, with or without a bias and the correction."""
+    ops = ops_for(device)
     c = make_case((3, 4), 11, 6, 3, "fp64", device=device, seed=8)
     leaves = {k: c[k].detach().requires_grad_(True) for k in ("x", "lora_b", "bias")}
     names = ["x", "lora_b", "bias"] if wanted == "all" else wanted.split("+")
@@ -76,6 +79,7 @@ def _case(device, lead=(7,), n_in=9, out=5, r=3, dtype="fp32", lora_dtype=None, 
 
 
 def _linear_samples(device):
+    ops = ops_for(device)
     out = []
     for grad in (False, True):
         c = _case(device, grad=grad)
@@ -131,6 +135,7 @@ def _gram_samples(device):
 
 
 def _correct_samples(device):
+    ops = ops_for(device)
     out = []
     for dtype, gdtype in (("fp32", torch.float32), ("bf16", torch.float32), ("fp64", torch.float64)):
         c = _case(device, dtype=dtype)
@@ -146,6 +151,7 @@ def _mask_samples(device):
 
 def _private_samples(device):
     """Samples for lorafa::_linear, built from its registered schema by argument name."""
+    ops = ops_for(device)
     schema = ops._linear.default._schema
     samples = []
     for grad, p in ((False, 0.0), (True, 0.0), (True, 0.3)):
@@ -204,6 +210,7 @@ def test_opcheck(device, name):
 @pytest.mark.parametrize("p", [0.0, 0.5])
 @pytest.mark.parametrize("lead", [(6,), (2, 3)], ids=str)
 def test_saved_tensors(device, lead, p, correction):
+    ops = ops_for(device)
     n_in, out, r, rows = 10, 7, 3, 6  # N = 6 differs from out and r; no parameter has N * in elements
     c = make_case(lead, n_in, out, r, "fp32", device=device, seed=4)
     x = c["x"].detach().requires_grad_(True)
@@ -244,6 +251,7 @@ def test_saved_tensors(device, lead, p, correction):
 
 @pytest.mark.parametrize("name", ["weight", "lora_a"])
 def test_frozen_parameter_requires_grad_is_an_error(device, name):
+    ops = ops_for(device)
     c = make_case(4, 9, 5, 2, "fp32", device=device, seed=6)
     c[name] = c[name].detach().requires_grad_(True)
     x = c["x"].detach().requires_grad_(True)

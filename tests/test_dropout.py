@@ -9,11 +9,12 @@ import torch
 import json
 
 import lorafa_ext
-from tests.helpers import make_case, make_dy, ops, ref_backward, ref_forward, run_python, seed_tensor
+from tests.helpers import make_case, make_dy, ops, ops_for, ref_backward, ref_forward, run_python, seed_tensor
 from lorafa_ext import reference
 
 
-def _fwd_bwd(c, p, seed):
+def _fwd_bwd(device, c, p, seed):
+    ops = ops_for(device)
     x = c["x"].detach().requires_grad_(True)
     bb = c["lora_b"].detach().clone().requires_grad_(True)
     b = c["bias"].detach().clone().requires_grad_(True)
@@ -24,9 +25,10 @@ def _fwd_bwd(c, p, seed):
 
 @pytest.mark.parametrize("dtypes", [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp16")], ids=str)
 def test_same_seed_same_results_bitwise(device, dtypes):
+    ops = ops_for(device)
     c = make_case((3, 5), 33, 17, 8, *dtypes, device=device, seed=1)
-    r1 = _fwd_bwd(c, 0.5, 1234)
-    r2 = _fwd_bwd(c, 0.5, 1234)
+    r1 = _fwd_bwd(device, c, 0.5, 1234)
+    r2 = _fwd_bwd(device, c, 0.5, 1234)
     for a, b in zip(r1, r2):
         assert torch.equal(a, b)
     args = (c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scaling"], 0.5)
@@ -38,10 +40,11 @@ def test_same_seed_same_results_bitwise(device, dtypes):
 
 
 def test_different_seeds_differ(device):
+    ops = ops_for(device)
     c = make_case((3, 5), 33, 17, 8, "fp32", device=device, seed=2)
-    r1 = _fwd_bwd(c, 0.5, 1)
-    r2 = _fwd_bwd(c, 0.5, 2)
-    r3 = _fwd_bwd(c, 0.5, 1 + 2**32)  # the high key word matters too
+    r1 = _fwd_bwd(device, c, 0.5, 1)
+    r2 = _fwd_bwd(device, c, 0.5, 2)
+    r3 = _fwd_bwd(device, c, 0.5, 1 + 2**32)  # the high key word matters too
     for a, b, d in zip(r1[:3], r2[:3], r3[:3]):  # y, dx, dB (dbias does not depend on the mask)
         assert not torch.equal(a, b)
         assert not torch.equal(a, d)
@@ -60,6 +63,7 @@ def _corr(a, b):
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_mask_statistics(device, p):
+    ops = ops_for(device)
     rows, cols = 255, 257  # rows * cols not a multiple of 4: counters straddle rows
     m = ops.dropout_mask(seed_tensor(987654321, device), rows, cols, p).cpu()
     assert m.dtype == torch.bool and m.shape == (rows, cols)
@@ -86,11 +90,13 @@ def test_dropout_mask_statistics(device, p):
 
 
 def test_dropout_mask_p0_keeps_everything(device):
+    ops = ops_for(device)
     m = ops.dropout_mask(seed_tensor(5, device), 7, 9, 0.0)
     assert m.dtype == torch.bool and bool(m.all())
 
 
 def test_dropout_mask_empty(device):
+    ops = ops_for(device)
     assert ops.dropout_mask(seed_tensor(5, device), 0, 9, 0.5).shape == (0, 9)
     assert ops.dropout_mask(seed_tensor(5, device), 4, 0, 0.5).shape == (4, 0)
 
@@ -108,6 +114,7 @@ def test_dropout_mask_empty(device):
     ],
 )
 def test_dropout_mask_matches_reference(device, seed, rows, cols, p):
+    ops = ops_for(device)
     got = ops.dropout_mask(seed_tensor(seed, device), rows, cols, p)
     assert got.device.type == device and got.dtype == torch.bool
     assert torch.equal(got.cpu(), reference.dropout_mask(seed, rows, cols, p))
@@ -117,6 +124,7 @@ def test_dropout_mask_matches_reference(device, seed, rows, cols, p):
 @pytest.mark.parametrize("seed", [3, 2**33 + 5])
 def test_forward_applies_the_reference_mask(device, p, seed):
     """With A = I (r = in), z = drop(x) element for element: read the applied mask off z."""
+    ops = ops_for(device)
     lead, n = (3, 4), 13
     c = make_case(lead, n, 6, n, "fp64", device=device, seed=4)
     eye = torch.eye(n, dtype=torch.float64, device=device)
@@ -132,6 +140,7 @@ def test_forward_applies_the_reference_mask(device, p, seed):
 @pytest.mark.parametrize("p", [0.25, 0.75])
 def test_backward_applies_the_reference_mask(device, p):
     """With W = 0 and A = I, dx = s * drop'(dy B): read the applied mask off dx."""
+    ops = ops_for(device)
     seed, n, out, r_rows = 77, 13, 6, 12
     c = make_case(r_rows, n, out, n, "fp64", device=device, seed=5)
     eye = torch.eye(n, dtype=torch.float64, device=device)
@@ -149,7 +158,7 @@ def test_backward_applies_the_reference_mask(device, p):
 def test_backward_matches_reference_given_mask(device, p):
     seed = 31337
     c = make_case((2, 3), 11, 7, 4, "fp64", device=device, seed=7)
-    y, gx, gb, gbias = _fwd_bwd(c, p, seed)
+    y, gx, gb, gbias = _fwd_bwd(device, c, p, seed)
     mask = reference.dropout_mask(seed, 6, 11, p)
     assert not bool(mask.all())
     dy = make_dy(y.shape, y.dtype, "cpu", seed=1)
@@ -161,6 +170,7 @@ def test_backward_matches_reference_given_mask(device, p):
 
 
 def test_seed_none_uses_torch_generator(device):
+    ops = ops_for(device)
     c = make_case((4, 5), 33, 17, 8, "fp32", device=device, seed=8)
     args = (c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scaling"], 0.5, False, None)
     torch.manual_seed(11)
@@ -188,6 +198,7 @@ def test_seed_none_backward_uses_forward_mask(device):
     """The seed drawn in forward is the one backward uses. With A = I (r = in) and out > in, the
     forward mask can be read off y (drop(x) = lstsq(B, (y - x W^T - b) / s)) and the backward mask
     off dx (dx - dy W = s * drop'(dy B)); they must agree."""
+    ops = ops_for(device)
     n, out, rows, p = 13, 17, 12, 0.5
     c = make_case(rows, n, out, n, "fp64", device=device, seed=9)
     eye = torch.eye(n, dtype=torch.float64, device=device)
@@ -210,6 +221,7 @@ def test_seed_none_backward_uses_forward_mask(device):
 
 @pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan")])
 def test_p_outside_range_is_an_error(device, p):
+    ops = ops_for(device)
     c = make_case(4, 9, 5, 2, "fp32", device=device, seed=10)
     args = (c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scaling"], p)
     with pytest.raises((RuntimeError, ValueError), match="dropout_p"):
@@ -221,6 +233,7 @@ def test_p_outside_range_is_an_error(device, p):
 def test_dropped_inf_gives_nan_like_the_reference(device):
     """drop(x) multiplies by the mask, as torch's dropout does: a dropped inf becomes NaN (inf * 0),
     a kept one stays infinite; every backend agrees with the reference on where."""
+    ops = ops_for(device)
     seed, p, rows, n_in = 7, 0.5, 4, 8
     c = make_case(rows, n_in, 5, 3, "fp32", device=device, bias=False, seed=11)
     mask = reference.dropout_mask(seed, rows, n_in, p)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import make_case, ops, requires_cuda, seed_tensor
+from tests.helpers import make_case, ops, ops_for, requires_cuda, seed_tensor
 
 ERR = (RuntimeError, ValueError)
 MASK3 = [True, True, True]
@@ -141,24 +141,25 @@ def device_bad_inputs():
 BAD_INPUT_IDS = sorted(bad_inputs())
 
 
-def _expect(op, args, match):
+def _expect(lib, op, args, match):
     with pytest.raises(ERR, match=match):
-        getattr(ops, op)(*args)
+        getattr(lib, op)(*args)
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_IDS)
 def test_bad_input(device, case):
-    _expect(*bad_inputs(device)[case])
+    _expect(ops_for(device), *bad_inputs(device)[case])
 
 
 @requires_cuda
 def test_bad_devices():
     for op, args, match in device_bad_inputs().values():
-        _expect(op, args, match)
+        _expect(ops, op, args, match)
 
 
 def test_good_inputs_pass(device):
     # the baseline the error cases perturb
+    ops = ops_for(device)
     c = _good(device)
     ops.linear_forward(*_args(c), 0.0, None)
     ops.linear(*_args(c))
@@ -168,6 +169,7 @@ def test_good_inputs_pass(device):
 
 
 def test_allowed_lora_dtypes_pass(device):
+    ops = ops_for(device)
     for xdtype in ("fp16", "bf16"):
         for ldtype in (xdtype, "fp32"):
             c = _good(device, xdtype, ldtype)

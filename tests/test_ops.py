@@ -6,6 +6,7 @@ import torch
 
 import lorafa_ext
 from tests.helpers import (
+    EMULATED,
     DTYPE_PAIRS,
     assert_matches,
     dt,
@@ -15,6 +16,7 @@ from tests.helpers import (
     make_dy,
     op_mask,
     ops,
+    ops_for,
     plain_backward,
     plain_forward,
     plain_gram_inverse,
@@ -65,6 +67,7 @@ def _check_bwd(c, dy, z, dx, d_b, d_bias, p, mask, check_bias=True):
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS + [("fp64", "fp64")], ids=lambda d: f"{d[0]}-{d[1]}")
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_linear_forward(device, shape, dtypes, p):
+    ops = ops_for(device)
     lead, n_in, out, r = shape
     c = make_case(lead, n_in, out, r, *dtypes, device=device, seed=1)
     seed = seed_tensor(SEED, device) if p else None
@@ -79,6 +82,7 @@ def test_linear_forward(device, shape, dtypes, p):
 @pytest.mark.parametrize("dtypes", [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp16")], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.5])
 def test_linear_forward_noncontiguous(device, layout, lead, dtypes, p):
+    ops = ops_for(device)
     c = make_case(lead, 33, 17, 8, *dtypes, device=device, seed=2, layout=layout)
     assert not c["x"].is_contiguous()
     seed = seed_tensor(SEED + 1, device) if p else None
@@ -87,6 +91,7 @@ def test_linear_forward_noncontiguous(device, layout, lead, dtypes, p):
 
 
 def test_linear_forward_no_bias(device):
+    ops = ops_for(device)
     c = make_case(7, 33, 65, 8, "fp32", device=device, bias=False, seed=3)
     y, z = ops.linear_forward(c["x"], c["weight"], None, c["lora_a"], c["lora_b"], c["scaling"])
     _check_fwd(c, y, z, 0.0, None)
@@ -95,6 +100,7 @@ def test_linear_forward_no_bias(device):
 @pytest.mark.parametrize("p", [0.0, 0.5])
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
 def test_linear_forward_empty(device, lead, p):
+    ops = ops_for(device)
     c = make_case(lead, 33, 17, 8, "fp32", device=device, seed=4)
     seed = seed_tensor(SEED, device) if p else None
     y, z = ops.linear_forward(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scaling"], p, seed)
@@ -110,6 +116,7 @@ def test_linear_forward_empty(device, lead, p):
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS + [("fp64", "fp64")], ids=lambda d: f"{d[0]}-{d[1]}")
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_linear_backward(device, shape, dtypes, p):
+    ops = ops_for(device)
     lead, n_in, out, r = shape
     c = make_case(lead, n_in, out, r, *dtypes, device=device, seed=5)
     x = c["x"]
@@ -128,6 +135,7 @@ def test_linear_backward(device, shape, dtypes, p):
 @pytest.mark.parametrize("layout", ["transposed", "strided", "padded"])
 @pytest.mark.parametrize("p", [0.0, 0.5])
 def test_linear_backward_noncontiguous_grad(device, layout, p):
+    ops = ops_for(device)
     lead, n_in, out, r = (3, 5), 33, 17, 8
     c = make_case(lead, n_in, out, r, "fp32", device=device, seed=7)
     mask = op_mask(SEED, 15, n_in, p, device)
@@ -153,6 +161,7 @@ def test_linear_backward_noncontiguous_grad(device, layout, p):
 )
 @pytest.mark.parametrize("dtypes", [("fp32", "fp32"), ("bf16", "fp32")], ids=str)
 def test_linear_backward_output_mask(device, output_mask, dtypes):
+    ops = ops_for(device)
     lead, n_in, out, r, p = (7,), 33, 17, 8, 0.25
     c = make_case(lead, n_in, out, r, *dtypes, device=device, seed=9)
     mask = op_mask(SEED, 7, n_in, p, device)
@@ -176,6 +185,7 @@ def test_linear_backward_output_mask(device, output_mask, dtypes):
 @pytest.mark.parametrize("p", [0.0, 0.5])
 @pytest.mark.parametrize("dtypes", [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp16")], ids=str)
 def test_linear_backward_empty(device, p, dtypes):
+    ops = ops_for(device)
     c = make_case(0, 33, 17, 8, *dtypes, device=device, seed=11)
     zdt = torch.promote_types(c["x"].dtype, c["lora_a"].dtype)
     z = torch.empty(0, 8, dtype=zdt, device=device)
@@ -193,7 +203,8 @@ def test_linear_backward_empty(device, p, dtypes):
 # linear (autograd)
 
 
-def _run_linear(c, p, seed, correction=False, gram_inv=None, eps=1e-6, grad_x=True, grad_bias=True, dy_seed=13):
+def _run_linear(device, c, p, seed, correction=False, gram_inv=None, eps=1e-6, grad_x=True, grad_bias=True, dy_seed=13):
+    ops = ops_for(device)
     x = c["x"].detach().requires_grad_(grad_x)  # keeps x's (possibly non-contiguous) layout
     bb = c["lora_b"].detach().clone().requires_grad_(True)
     b = None
@@ -211,7 +222,7 @@ def _run_linear(c, p, seed, correction=False, gram_inv=None, eps=1e-6, grad_x=Tr
 def test_linear_autograd(device, shape, dtypes, p):
     lead, n_in, out, r = shape
     c = make_case(lead, n_in, out, r, *dtypes, device=device, seed=12)
-    y, gx, gb, gbias, dy = _run_linear(c, p, SEED if p else None)
+    y, gx, gb, gbias, dy = _run_linear(device, c, p, SEED if p else None)
     mask = op_mask(SEED, flat_rows(c["x"]), n_in, p, device)
     y_ref, z_ref = ref_forward(c, mask, p)
     y_pl, z_pl = plain_forward(c, mask, p)
@@ -225,7 +236,7 @@ def test_linear_autograd(device, shape, dtypes, p):
 def test_linear_autograd_noncontiguous(device, layout, p):
     c = make_case((3, 5), 33, 17, 8, "fp32", device=device, seed=14, layout=layout)
     assert not c["x"].is_contiguous()
-    y, gx, gb, gbias, dy = _run_linear(c, p, SEED if p else None)
+    y, gx, gb, gbias, dy = _run_linear(device, c, p, SEED if p else None)
     mask = op_mask(SEED, 15, 33, p, device)
     y_pl, z_pl = plain_forward(c, mask, p)
     assert_matches(y, y_pl, ref_forward(c, mask, p)[0], "y", dtype=torch.float32, rtol_abs=2e-6, k=33)
@@ -235,7 +246,7 @@ def test_linear_autograd_noncontiguous(device, layout, p):
 @pytest.mark.parametrize("grad_x,grad_bias", [(False, True), (True, False), (False, False)])
 def test_linear_autograd_partial_requires_grad(device, grad_x, grad_bias):
     c = make_case(7, 33, 17, 8, "fp32", device=device, seed=15)
-    y, gx, gb, gbias, dy = _run_linear(c, 0.25, SEED, grad_x=grad_x, grad_bias=grad_bias)
+    y, gx, gb, gbias, dy = _run_linear(device, c, 0.25, SEED, grad_x=grad_x, grad_bias=grad_bias)
     mask = op_mask(SEED, 7, 33, 0.25, device)
     _, z_pl = plain_forward(c, mask, 0.25)
     dx_ref, db_ref, dbias_ref = ref_backward(dy, c, mask, 0.25)
@@ -252,7 +263,7 @@ def test_linear_autograd_partial_requires_grad(device, grad_x, grad_bias):
 @pytest.mark.parametrize("p", [0.0, 0.5])
 def test_linear_autograd_empty(device, p):
     c = make_case(0, 33, 17, 8, "fp32", device=device, seed=16)
-    y, gx, gb, gbias, _ = _run_linear(c, p, SEED if p else None)
+    y, gx, gb, gbias, _ = _run_linear(device, c, p, SEED if p else None)
     assert y.shape == (0, 17)
     assert gx.shape == (0, 33)
     assert gb.shape == (17, 8) and bool((gb == 0).all())
@@ -265,6 +276,7 @@ def test_size_one_operands_with_degenerate_strides(device, n_in, p):
     """One row and one output column: a size-1 dim's stride is arbitrary (0 from expand, 1 from a
     transposed column) while the tensor still counts as contiguous; the kernels and the GEMMs'
     leading dimensions must not rely on it."""
+    ops = ops_for(device)
     g = torch.Generator().manual_seed(21)
 
     def rnd(*shape):
@@ -286,6 +298,8 @@ def test_size_one_operands_with_degenerate_strides(device, n_in, p):
 
 
 def test_wrappers_are_the_ops(device):
+    if device is EMULATED:
+        pytest.skip("the wrappers call torch.ops.lorafa, which the emulated device does not serve")
     c = make_case(7, 33, 17, 8, "fp32", device=device, seed=17)
     args = (c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scaling"])
     s = seed_tensor(SEED, device)
@@ -311,6 +325,7 @@ def test_wrappers_are_the_ops(device):
 @pytest.mark.parametrize("r,n_in", [(1, 33), (8, 33), (16, 65), (16, 17), (128, 1027)])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "fp64"])
 def test_gram_inverse(device, dtype, r, n_in, eps):
+    ops = ops_for(device)
     a = make_case(1, n_in, 3, r, dtype, device=device, seed=r)["lora_a"]
     g = ops.gram_inverse(a, eps)
     want_dtype = torch.float64 if dt(dtype) == torch.float64 else torch.float32
@@ -331,6 +346,7 @@ def test_gram_inverse(device, dtype, r, n_in, eps):
 
 def test_gram_inverse_rank_deficient(device):
     # r > in: A A^T is singular; delta = eps * trace / r keeps the result finite and SPD
+    ops = ops_for(device)
     a = make_case(1, 4, 3, 8, "fp64", device=device, seed=18)["lora_a"]
     g = ops.gram_inverse(a, 1e-3)
     torch.testing.assert_close(g.cpu(), reference.gram_inverse(a.cpu(), 1e-3), rtol=1e-8, atol=1e-8)
@@ -345,6 +361,7 @@ def test_gram_inverse_rank_deficient(device):
 @pytest.mark.parametrize("gdtype", ["fp32", "fp64"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_correct_grad(device, dtype, gdtype):
+    ops = ops_for(device)
     out, r, n_in, s = 33, 8, 65, 0.75
     c = make_case(1, n_in, out, r, "fp64", device=device, seed=19)
     a = c["lora_a"]
@@ -364,12 +381,13 @@ def test_correct_grad(device, dtype, gdtype):
 @pytest.mark.parametrize("precomputed", [False, True])
 def test_correction_is_least_squares(device, p, dtype, precomputed):
     """With correction=True, lora_b.grad = argmin_g ||s g A - G||_F with G = dy^T drop(x)."""
+    ops = ops_for(device)
     lead, n_in, out, r = (3, 5), 65, 33, 16
     c = make_case(lead, n_in, out, r, dtype, device=device, seed=21)
     eps = 1e-9 if dtype == "fp32" else 1e-13
     gram_inv = ops.gram_inverse(c["lora_a"], eps) if precomputed else None
-    y, gx, gb, gbias, dy = _run_linear(c, p, SEED if p else None, correction=True, gram_inv=gram_inv, eps=eps)
-    y0, gx0, gb0, gbias0, _ = _run_linear(c, p, SEED if p else None, correction=False)
+    y, gx, gb, gbias, dy = _run_linear(device, c, p, SEED if p else None, correction=True, gram_inv=gram_inv, eps=eps)
+    y0, gx0, gb0, gbias0, _ = _run_linear(device, c, p, SEED if p else None, correction=False)
     # correction only changes lora_b's gradient
     assert torch.equal(y, y0) and torch.equal(gx, gx0) and torch.equal(gbias, gbias0)
     assert gb.dtype == c["lora_b"].dtype
@@ -392,7 +410,7 @@ def test_correction_is_least_squares(device, p, dtype, precomputed):
 def test_correction_bf16_adapters(device):
     """bf16 x with fp32 adapters: the corrected gradient is delivered in fp32 and is close to g*."""
     c = make_case(9, 65, 33, 8, "bf16", "fp32", device=device, seed=22)
-    y, gx, gb, gbias, dy = _run_linear(c, 0.0, None, correction=True)
+    y, gx, gb, gbias, dy = _run_linear(device, c, 0.0, None, correction=True)
     assert gb.dtype == torch.float32
     _, d_b, _ = ref_backward(dy, c)
     want = reference.correct_grad(d_b, c["lora_a"].cpu(), c["scaling"])

@@ -3,7 +3,6 @@
 // onto its bias; backward: accumulated onto dy W), and parallel, vectorised Philox for dropout.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -288,18 +287,6 @@ void lowrank_into(at::Tensor& dst2, const at::Tensor& left, const at::Tensor& ri
   });
 }
 
-// x's shape with the last dim replaced.
-std::vector<int64_t> out_shape(const at::Tensor& x, int64_t last) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = last;
-  return shape;
-}
-
-// Kernels run below autocast: the composite `linear` has already cast to the autocast dtype.
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
-};
-
 }  // namespace
 
 Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -307,12 +294,12 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
                         const at::Tensor& lora_b, double scaling, double dropout_p,
                         const std::optional<at::Tensor>& seed) {
   check_forward("lorafa.linear_forward", x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
-  NoAutocast no_autocast;
+  KernelScope scope(x);
   const int64_t out = weight.size(0), in = weight.size(1), rows = flat_rows(x);
   const auto zdt = z_dtype(x, lora_a);
   const at::Tensor x2 = x.reshape({rows, in});
   // y is allocated in its final shape and filled through a 2-D view, so the op returns no view.
-  at::Tensor y = at::empty(out_shape(x, out), x.options());
+  at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
   at::Tensor y2 = y.view({rows, out});
   at::Tensor z = at::empty({rows, lora_a.size(0)}, x.options().dtype(zdt));
   if (dropout_p == 0.0 && zdt == x.scalar_type()) {
@@ -334,14 +321,14 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at
                          std::array<bool, 3> output_mask) {
   check_backward("lorafa.linear_backward", grad_y, z, weight, lora_a, lora_b, scaling, dropout_p,
                  seed);
-  NoAutocast no_autocast;
+  KernelScope scope(grad_y);
   const int64_t out = weight.size(0), in = weight.size(1), rows = flat_rows(grad_y);
   const auto zdt = z.scalar_type();
   const at::Tensor dy = grad_y.reshape({rows, out});
   const at::Tensor dyz = dy.to(zdt);
   at::Tensor dx = grad_y.new_empty({0}), d_b = lora_b.new_empty({0}), d_bias = grad_y.new_empty({0});
   if (output_mask[0]) {
-    dx = at::empty(out_shape(grad_y, in), grad_y.options());
+    dx = at::empty(with_last(grad_y.sizes(), in), grad_y.options());
     at::Tensor dx2 = dx.view({rows, in});
     // dx = dy W, then += s drop'(t A) with t = dy B. (Writing the low-rank term first and letting the
     // GEMM accumulate onto it moves as many bytes here: the GEMM would read dx back.)
@@ -367,7 +354,7 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at
 
 at::Tensor gram_inverse(const at::Tensor& lora_a, double eps) {
   check_gram_inverse("lorafa.gram_inverse", lora_a, eps);
-  NoAutocast no_autocast;
+  KernelScope scope(lora_a);
   const at::Tensor a = lora_a.to(gram_dtype(lora_a));
   at::Tensor g = at::mm(a, a.t());
   const int64_t r = g.size(0);
@@ -380,7 +367,7 @@ at::Tensor gram_inverse(const at::Tensor& lora_a, double eps) {
 
 at::Tensor correct_grad(const at::Tensor& grad_b, const at::Tensor& gram_inv, double scaling) {
   check_correct_grad("lorafa.correct_grad", grad_b, gram_inv, scaling);
-  NoAutocast no_autocast;
+  KernelScope scope(grad_b);
   return at::mm(grad_b.to(gram_inv.scalar_type()), gram_inv)
       .mul_(1.0 / (scaling * scaling))
       .to(grad_b.scalar_type());
@@ -407,3 +394,5 @@ at::Tensor dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, doub
 }
 
 }  // namespace lorafa::cpu
+
+LORAFA_LIBRARY_IMPL(CPU, m) { LORAFA_REGISTER_BACKEND(m, lorafa::cpu); }
