@@ -14,6 +14,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .integrations.transformers import attach_checkpointing, detach_checkpointing
 from .modules.base import LoRAFALayer, check_alpha, check_dropout, check_eps
 from .modules.linear import LoRAFALinear, check_init
 from .targets import (
@@ -171,7 +172,9 @@ def apply_lorafa(
     "all-linear". ``rank_pattern`` / ``alpha_pattern``: per-module rank / alpha, as PEFT's.
     ``modules_to_save``: names / name suffixes of modules trained in full (a new classifier head).
     Afterwards the B's (of these and of earlier adapters) and the modules to save train; every other
-    parameter is frozen. Every argument is checked before the model is changed: ValueError when
+    parameter is frozen. A transformers ``PreTrainedModel`` gets an adapter-only ``save_pretrained``
+    and a check of the adapter keys it loads, so that ``Trainer`` checkpoints reload and resume
+    (``lorafa_ext.integrations.transformers``). Every argument is checked before the model is changed: ValueError when
     nothing matches or a value is out of range, TypeError when a matched module is not an ``nn.Linear``.
     """
     where = "apply_lorafa"
@@ -217,6 +220,7 @@ def apply_lorafa(
     keep += [layer.lora_B for layer in new_layers.values()]
     keep += [p for _, m in saved for p in m.parameters()]
     freeze_all_but(model, keep)
+    attach_checkpointing(model)
     return model
 
 
@@ -237,9 +241,13 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
-    """Merge every LoRA-FA layer and put its (merged) ``nn.Linear`` back in its place."""
+    """Merge every LoRA-FA layer and put its (merged) ``nn.Linear`` back in its place. What
+    ``apply_lorafa`` attached to a transformers model (``lorafa_ext.integrations.transformers``) is
+    removed: ``save_pretrained`` writes the whole merged model again."""
     layers = list(lorafa_layers(model))
     for _, layer in layers:
         if not layer.merged:
             layer.merge(safe_merge=safe_merge)
-    return replace_modules(model, {id(layer): layer.base_layer for _, layer in layers})
+    model = replace_modules(model, {id(layer): layer.base_layer for _, layer in layers})
+    detach_checkpointing(model)
+    return model

@@ -35,6 +35,7 @@ from ..model import (
 from ..modules.base import ActiveAdapter, LoRAFALayer, check_dropout, check_eps, check_rank, is_plain_tensor
 from ..modules.linear import LoRAFALinear
 from ..modules.quantized import is_quantized
+from .transformers import attach_checkpointing
 from ..targets import ALL_LINEAR, match_target_modules, name_matches, pattern_value, walk
 
 __all__ = ["save_adapter", "load_adapter", "from_peft", "AdapterError", "LoRAFAPeftLinear"]
@@ -505,6 +506,7 @@ def load_adapter(
     keep += [p for mod, _ in saved_plan for p in mod.parameters()]
     replaced = replace_modules(model, new_layers)
     freeze_all_but(replaced, keep)
+    attach_checkpointing(replaced)
     if replaced is not model:  # the model itself was the one adapted Linear
         return replaced
     return wrapper
@@ -609,7 +611,7 @@ def __getattr__(name):  # lets pickle find the lazily built classes
         classes = _switchable_classes()
         if name in classes:
             return _switched_class(classes[name])
-        for peft_cls, cls in _SWITCHED_CLASSES.items():
+        for cls in _SWITCHED_CLASSES.values():
             if cls.__name__ == name:
                 return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
