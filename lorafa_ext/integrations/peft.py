@@ -34,7 +34,6 @@ from ..model import (
 )
 from ..modules.base import ActiveAdapter, LoRAFALayer, check_dropout, check_eps, check_rank, is_plain_tensor
 from ..modules.linear import LoRAFALinear
-from ..modules.quantized import is_quantized
 from .transformers import attach_checkpointing
 from ..targets import ALL_LINEAR, match_target_modules, name_matches, pattern_value, walk
 
@@ -617,13 +616,15 @@ def __getattr__(name):  # lets pickle find the lazily built classes
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _switchable(m: nn.Module) -> Optional[type]:
-    """The PEFT class whose switched class ``m`` becomes (its own class), or None when ``m`` cannot run as
-    LoRA-FA."""
-    if not isinstance(m, tuple(_switchable_classes().values())) or getattr(m, "fan_in_fan_out", False):
-        return None
-    base = m.get_base_layer()
-    return type(m) if isinstance(base, nn.Linear) or is_quantized(base) else None
+def _switchable(m: nn.Module) -> bool:
+    """Whether the PEFT LoRA layer ``m`` can run as LoRA-FA: one of the switchable classes (or a
+    subclass) over an ``nn.Linear`` (bitsandbytes' quantized layers are ``nn.Linear`` too), weights
+    not stored transposed."""
+    return (
+        isinstance(m, tuple(_switchable_classes().values()))
+        and isinstance(m.get_base_layer(), nn.Linear)
+        and not getattr(m, "fan_in_fan_out", False)
+    )
 
 
 def _check_peft_adapter(m: nn.Module, adapter: str, where: str) -> None:
@@ -673,7 +674,7 @@ def from_peft(peft_model: nn.Module, *, correction: bool = True, eps: float = 1e
             continue
         if not isinstance(m, tuple(_switchable_classes().values())):
             unswitchable.append(f"{name} ({type(m).__name__})")
-        elif _switchable(m) is None:
+        elif not _switchable(m):
             kind = "lora.Linear" if type(m).__name__ == "Linear" else type(m).__name__
             unswitchable.append(f"{name} ({kind} over a {type(m.get_base_layer()).__name__})")
     if unswitchable:
