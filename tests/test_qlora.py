@@ -17,6 +17,9 @@ from lorafa_ext.modules.quantized import quantization_of
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
+# PEFT's torchao layer warns that merge() needs a transformers TorchAoConfig; merging is not tested here.
+pytestmark = pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated:UserWarning")
+
 # bitsandbytes' CPU inference path repacks 4-bit weights in blocks of 32 rows and 64 columns.
 IN, HIDDEN, OUT = 64, 64, 32
 QUANTS = ["nf4", "fp4", "int8"]
@@ -219,3 +222,23 @@ def test_compile_fullgraph_matches_eager(quant):
     for name in eager[2]:
         torch.testing.assert_close(compiled[2][name], eager[2][name], rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_from_peft_lora_linear_over_bitsandbytes_layer():
+    """A model not marked as loaded in 4 bit gets PEFT's plain lora.Linear over the bitsandbytes
+    layer: it switches to LoRAFAPeftLinear and runs the quantized base forward."""
+    model = _quantized_model("nf4")
+    del model.is_loaded_in_4bit, model.is_loaded_in_8bit
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False)
+    model = peft.get_peft_model(model, config)
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            p.requires_grad_(False)
+    y_ref, dx_ref, g_ref = _step(model, _x())
+    from_peft(model, correction=False)
+    assert type(model.base_model.model.up).__name__ == "LoRAFAPeftLinear"
+    y, dx, grads = _step(model, _x())
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(grads[name], g_ref[name], rtol=1e-5, atol=1e-5)
