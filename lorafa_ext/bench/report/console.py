@@ -24,7 +24,9 @@ def _micro_lines(micro: dict) -> list:
 
 
 def _e2e_lines(e2e: dict) -> list:
-    lines = ["", f"End-to-end training step ({e2e['config']['model']}, {e2e['config']['dtype']}):",
+    c = e2e["config"]
+    quant = f", {c['quant']} base" if c.get("quant", "none") != "none" else ""
+    lines = ["", f"End-to-end training step ({c['model']}, {c['dtype']}{quant}):",
              text_table(E2E_HEADERS, e2e_table_rows(e2e["rows"]))]
     if e2e["comparisons"]:
         lines += ["", text_table(COMPARE_HEADERS, compare_table_rows(e2e["comparisons"]))]

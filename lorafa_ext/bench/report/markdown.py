@@ -54,6 +54,12 @@ def _memory(mem: dict) -> list:
             md_table(MEMORY_HEADERS, memory_table_rows(mem["cases"])), ""] + _skipped_lines(mem)
 
 
+def _quant_note(c: dict) -> str:
+    """How the decoder blocks' linear layers are stored, for a QLoRA run (config "quant")."""
+    quant = c.get("quant", "none")
+    return "" if quant == "none" else f" (bitsandbytes {quant}-quantized: QLoRA)"
+
+
 def _e2e(e2e: dict) -> list:
     c = e2e["config"]
     mc = c["model_config"]
@@ -61,7 +67,7 @@ def _e2e(e2e: dict) -> list:
             f"Llama-architecture model from a transformers config, random weights: {c['model']} "
             f"(hidden {mc['hidden_size']}, intermediate {mc['intermediate_size']}, {mc['num_hidden_layers']} "
             f"layers, vocab {mc['vocab_size']}), {c['dtype']}, LoRA on every linear layer of the decoder "
-            f"blocks, r = {c['r']}, alpha = {c['alpha']}. Step = forward + backward + optimizer. Memory is "
+            f"blocks{_quant_note(c)}, r = {c['r']}, alpha = {c['alpha']}. Step = forward + backward + optimizer. Memory is "
             f"measured with each method alone; speed with every method of one batch side by side: "
             f"{c['warmup']} warm-up steps each, then {c['steps']} interleaved rounds of one step each; "
             f"tokens/s from the median step.", "",
