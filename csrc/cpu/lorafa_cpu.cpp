@@ -298,18 +298,20 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
   const int64_t out = weight.size(0), in = weight.size(1), rows = flat_rows(x);
   const auto zdt = z_dtype(x, lora_a);
   const at::Tensor x2 = x.reshape({rows, in});
+  // The adapters in z's dtype (no copy when they have it already: fp32 adapters with fp64 x do not).
+  const at::Tensor a = lora_a.to(zdt), b = lora_b.to(zdt);
   // y is allocated in its final shape and filled through a 2-D view, so the op returns no view.
   at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
   at::Tensor y2 = y.view({rows, out});
   at::Tensor z = at::empty({rows, lora_a.size(0)}, x.options().dtype(zdt));
   if (dropout_p == 0.0 && zdt == x.scalar_type()) {
-    at::mm_out(z, x2, lora_a.t());
+    at::mm_out(z, x2, a.t());
   } else {
     const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
-    project_dropped(x2, lora_a.to(zdt).t(), z, s, dropout_p);
+    project_dropped(x2, a.t(), z, s, dropout_p);
   }
   // y = bias + s z B^T, written once; then y += x W^T inside the GEMM (beta = 1).
-  lowrank_into(y2, z, lora_b.to(zdt).t(), bias.has_value() ? *bias : at::Tensor(), scaling, 0, 0.0,
+  lowrank_into(y2, z, b.t(), bias.has_value() ? *bias : at::Tensor(), scaling, 0, 0.0,
                /*accumulate=*/false);
   y2.addmm_(x2, weight.t());
   return {y, z};
@@ -326,6 +328,7 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at
   const auto zdt = z.scalar_type();
   const at::Tensor dy = grad_y.reshape({rows, out});
   const at::Tensor dyz = dy.to(zdt);
+  const at::Tensor a = lora_a.to(zdt), b = lora_b.to(zdt);  // as in the forward
   at::Tensor dx = grad_y.new_empty({0}), d_b = lora_b.new_empty({0}), d_bias = grad_y.new_empty({0});
   if (output_mask[0]) {
     dx = at::empty(with_last(grad_y.sizes(), in), grad_y.options());
@@ -333,12 +336,12 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at
     // dx = dy W, then += s drop'(t A) with t = dy B. (Writing the low-rank term first and letting the
     // GEMM accumulate onto it moves as many bytes here: the GEMM would read dx back.)
     at::mm_out(dx2, dy, weight);
-    const at::Tensor t = at::mm(dyz, lora_b.to(zdt));
+    const at::Tensor t = at::mm(dyz, b);
     if (dropout_p == 0.0 && zdt == dx.scalar_type()) {
-      dx2.addmm_(t, lora_a, /*beta=*/1.0, /*alpha=*/scaling);
+      dx2.addmm_(t, a, /*beta=*/1.0, /*alpha=*/scaling);
     } else {
       const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
-      lowrank_into(dx2, t, lora_a.to(zdt), at::Tensor(), scaling / (1.0 - dropout_p), s, dropout_p,
+      lowrank_into(dx2, t, a, at::Tensor(), scaling / (1.0 - dropout_p), s, dropout_p,
                    /*accumulate=*/true);
     }
   }
