@@ -108,12 +108,16 @@ def extensions():
     host_flags = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp: at::parallel_for is a header template over OpenMP; without it the CPU loops run serially.
     host_flags += ["-Wall", "-Wextra", "-Wno-unused-parameter", "-fopenmp"]
+    # The standard is ours, not torch's default (C++17 in torch 2.11's cpp_extension, C++20 later): the
+    # sources use C++20. torch adds its own -std only when none is given.
+    std = f"-std=c++{CONFIG['cxx_standard']}"
+    host_flags.append(std)
     sources = sorted(set(_sources("sources")) | set(_sources("python_module_sources")))
     kwargs = dict(extra_compile_args={"cxx": host_flags}, extra_link_args=["-fopenmp"], py_limited_api=False)
     if not WITH_CUDA:
         return [CppExtension("lorafa_ext._C", sources, **kwargs)]
     sources += _sources("cuda_sources")
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-Xcompiler=-Wall"]
+    nvcc_flags = [std, "-O3", "--expt-relaxed-constexpr", "-Xcompiler=-Wall"]
     nvcc_flags += ["-lineinfo"] if debug else []
     include_dirs, library_dirs, link_args = _cublas()
     kwargs["extra_compile_args"] = {"cxx": host_flags + ["-DLORAFA_WITH_CUDA"], "nvcc": nvcc_flags}

@@ -226,7 +226,7 @@ def test_good_inputs_pass(device):
 
 def test_allowed_lora_dtypes_pass(device):
     ops = ops_for(device)
-    for xdtype in ("fp16", "bf16"):
+    for xdtype in ("fp64", "fp32", "fp16", "bf16"):
         for ldtype in (xdtype, "fp32"):
             c = _good(device, xdtype, ldtype)
             ops.linear_forward(*_args(c), 0.0, None)

@@ -34,6 +34,8 @@ SHAPES = [
     ((3, 5), 33, 33, 8),
 ]
 SEED = 20240607
+# every admitted (x, adapter) dtype pair: the CUDA-relevant ones plus fp64 x with fp64 or fp32 adapters
+ALL_PAIRS = DTYPE_PAIRS + [("fp64", "fp64"), ("fp64", "fp32")]
 
 
 def _check_fwd(c, y, z, p, mask):
@@ -64,7 +66,7 @@ def _check_bwd(c, dy, z, dx, d_b, d_bias, p, mask, check_bias=True):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS + [("fp64", "fp64")], ids=lambda d: f"{d[0]}-{d[1]}")
+@pytest.mark.parametrize("dtypes", ALL_PAIRS, ids=lambda d: f"{d[0]}-{d[1]}")
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_linear_forward(device, shape, dtypes, p):
     ops = ops_for(device)
@@ -113,7 +115,7 @@ def test_linear_forward_empty(device, lead, p):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS + [("fp64", "fp64")], ids=lambda d: f"{d[0]}-{d[1]}")
+@pytest.mark.parametrize("dtypes", ALL_PAIRS, ids=lambda d: f"{d[0]}-{d[1]}")
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_linear_backward(device, shape, dtypes, p):
     ops = ops_for(device)
@@ -217,7 +219,7 @@ def _run_linear(device, c, p, seed, correction=False, gram_inv=None, eps=1e-6, g
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS + [("fp64", "fp64")], ids=lambda d: f"{d[0]}-{d[1]}")
+@pytest.mark.parametrize("dtypes", ALL_PAIRS, ids=lambda d: f"{d[0]}-{d[1]}")
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_linear_autograd(device, shape, dtypes, p):
     lead, n_in, out, r = shape

@@ -287,31 +287,31 @@ void lowrank_into(at::Tensor& dst2, const at::Tensor& left, const at::Tensor& ri
   });
 }
 
-// z = drop(x2) A^T (rows, r) in dtype zdt.
-at::Tensor project(const at::Tensor& x2, const at::Tensor& lora_a, at::ScalarType zdt,
-                   double dropout_p, const std::optional<at::Tensor>& seed) {
-  at::Tensor z = at::empty({x2.size(0), lora_a.size(0)}, x2.options().dtype(zdt));
-  if (dropout_p == 0.0 && zdt == x2.scalar_type()) {
-    at::mm_out(z, x2, lora_a.t());
+// z = drop(x2) A^T (rows, r) in a's dtype, z's (a: the adapter A in z's dtype).
+at::Tensor project(const at::Tensor& x2, const at::Tensor& a, double dropout_p,
+                   const std::optional<at::Tensor>& seed) {
+  at::Tensor z = at::empty({x2.size(0), a.size(0)}, x2.options().dtype(a.scalar_type()));
+  if (dropout_p == 0.0 && a.scalar_type() == x2.scalar_type()) {
+    at::mm_out(z, x2, a.t());
   } else {
     const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
-    project_dropped(x2, lora_a.to(zdt).t(), z, s, dropout_p);
+    project_dropped(x2, a.t(), z, s, dropout_p);
   }
   return z;
 }
 
-// dx2 (+)= s drop'(t A) with t = dy B: accumulated onto dx2 with `accumulate`, else written.
-void expand_dx(at::Tensor& dx2, const at::Tensor& dyz, const at::Tensor& lora_a,
-               const at::Tensor& lora_b, double scaling, double dropout_p,
-               const std::optional<at::Tensor>& seed, bool accumulate) {
-  const auto zdt = dyz.scalar_type();
-  const at::Tensor t = at::mm(dyz, lora_b.to(zdt));
-  if (dropout_p == 0.0 && zdt == dx2.scalar_type()) {
-    at::addmm_out(dx2, dx2, t, lora_a.to(zdt), /*beta=*/accumulate ? 1.0 : 0.0, /*alpha=*/scaling);
+// dx2 (+)= s drop'(t A) with t = dy B: accumulated onto dx2 with `accumulate`, else written. dyz is
+// dy in z's dtype, a and b the adapters in it.
+void expand_dx(at::Tensor& dx2, const at::Tensor& dyz, const at::Tensor& a, const at::Tensor& b,
+               double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+               bool accumulate) {
+  const at::Tensor t = at::mm(dyz, b);
+  if (dropout_p == 0.0 && dyz.scalar_type() == dx2.scalar_type()) {
+    at::addmm_out(dx2, dx2, t, a, /*beta=*/accumulate ? 1.0 : 0.0, /*alpha=*/scaling);
   } else {
     if (!accumulate) dx2.zero_();
     const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
-    lowrank_into(dx2, t, lora_a.to(zdt), at::Tensor(), scaling / (1.0 - dropout_p), s, dropout_p,
+    lowrank_into(dx2, t, a, at::Tensor(), scaling / (1.0 - dropout_p), s, dropout_p,
                  /*accumulate=*/true);
   }
 }
@@ -327,12 +327,14 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
   const int64_t out = weight.size(0), in = weight.size(1), rows = flat_rows(x);
   const auto zdt = z_dtype(x, lora_a);
   const at::Tensor x2 = x.reshape({rows, in});
+  // The adapters in z's dtype (no copy when they have it already: fp32 adapters with fp64 x do not).
+  const at::Tensor a = lora_a.to(zdt), b = lora_b.to(zdt);
   // y is allocated in its final shape and filled through a 2-D view, so the op returns no view.
   at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
   at::Tensor y2 = y.view({rows, out});
-  const at::Tensor z = project(x2, lora_a, zdt, dropout_p, seed);
+  const at::Tensor z = project(x2, a, dropout_p, seed);
   // y = bias + s z B^T, written once; then y += x W^T inside the GEMM (beta = 1).
-  lowrank_into(y2, z, lora_b.to(zdt).t(), bias.has_value() ? *bias : at::Tensor(), scaling, 0, 0.0,
+  lowrank_into(y2, z, b.t(), bias.has_value() ? *bias : at::Tensor(), scaling, 0, 0.0,
                /*accumulate=*/false);
   y2.addmm_(x2, weight.t());
   return {y, z};
@@ -349,6 +351,7 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at
   const auto zdt = z.scalar_type();
   const at::Tensor dy = grad_y.reshape({rows, out});
   const at::Tensor dyz = dy.to(zdt);
+  const at::Tensor a = lora_a.to(zdt), b = lora_b.to(zdt);  // as in the forward
   at::Tensor dx = grad_y.new_empty({0}), d_b = lora_b.new_empty({0}), d_bias = grad_y.new_empty({0});
   if (output_mask[0]) {
     dx = at::empty(with_last(grad_y.sizes(), in), grad_y.options());
@@ -356,7 +359,7 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z, const at
     // dx = dy W, then += s drop'(t A) with t = dy B. (Writing the low-rank term first and letting the
     // GEMM accumulate onto it moves as many bytes here: the GEMM would read dx back.)
     at::mm_out(dx2, dy, weight);
-    expand_dx(dx2, dyz, lora_a, lora_b, scaling, dropout_p, seed, /*accumulate=*/true);
+    expand_dx(dx2, dyz, a, b, scaling, dropout_p, seed, /*accumulate=*/true);
   }
   if (output_mask[1]) {
     d_b = at::mm(dyz.t(), z).mul_(scaling).to(lora_b.scalar_type());
@@ -374,10 +377,11 @@ Tensors2 lowrank_forward(const at::Tensor& x, const at::Tensor& lora_a, const at
   KernelScope scope(x);
   const int64_t out = lora_b.size(0), in = lora_a.size(1), rows = flat_rows(x);
   const auto zdt = z_dtype(x, lora_a);
-  const at::Tensor z = project(x.reshape({rows, in}), lora_a, zdt, dropout_p, seed);
+  const at::Tensor a = lora_a.to(zdt), b = lora_b.to(zdt);  // as in linear_forward
+  const at::Tensor z = project(x.reshape({rows, in}), a, dropout_p, seed);
   at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
   at::Tensor y2 = y.view({rows, out});
-  lowrank_into(y2, z, lora_b.to(zdt).t(), at::Tensor(), scaling, 0, 0.0, /*accumulate=*/false);
+  lowrank_into(y2, z, b.t(), at::Tensor(), scaling, 0, 0.0, /*accumulate=*/false);
   return {y, z};
 }
 
@@ -388,12 +392,14 @@ Tensors2 lowrank_backward(const at::Tensor& grad_y, const at::Tensor& z, const a
                          seed);
   KernelScope scope(grad_y);
   const int64_t out = lora_b.size(0), in = lora_a.size(1), rows = flat_rows(grad_y);
-  const at::Tensor dyz = grad_y.reshape({rows, out}).to(z.scalar_type());
+  const auto zdt = z.scalar_type();
+  const at::Tensor dyz = grad_y.reshape({rows, out}).to(zdt);
+  const at::Tensor a = lora_a.to(zdt), b = lora_b.to(zdt);
   at::Tensor dx = grad_y.new_empty({0}), d_b = lora_b.new_empty({0});
   if (output_mask[0]) {
     dx = at::empty(with_last(grad_y.sizes(), in), grad_y.options());
     at::Tensor dx2 = dx.view({rows, in});
-    expand_dx(dx2, dyz, lora_a, lora_b, scaling, dropout_p, seed, /*accumulate=*/false);
+    expand_dx(dx2, dyz, a, b, scaling, dropout_p, seed, /*accumulate=*/false);
   }
   if (output_mask[1]) d_b = at::mm(dyz.t(), z).mul_(scaling).to(lora_b.scalar_type());
   return {dx, d_b};

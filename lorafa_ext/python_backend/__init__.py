@@ -5,7 +5,7 @@
     ================================  ==========================================================
     python_backend/ops.py             csrc/ops.cpp: the schemas, the composite ``linear`` and the
                                       kernel registrations
-    python_backend/kernels.py         csrc/cpu/lorafa_cpu.cpp and csrc/cuda/lorafa_cuda.cu: the
+    python_backend/kernels.py         csrc/cpu/lorafa_cpu.cpp and csrc/cuda/ (lorafa_cuda.cu, kernels/): the
                                       kernels, one implementation for every device
     python_backend/philox.py          csrc/philox.h: the Philox4x32-10 stream of the dropout mask
     python_backend/autograd.py        csrc/autograd.cpp: the autograd formula of ``_linear``

@@ -1,5 +1,5 @@
 """The kernels of the lorafa ops in plain PyTorch, one implementation for every device (the compiled
-library's are csrc/cpu/lorafa_cpu.cpp and csrc/cuda/lorafa_cuda.cu). They compute the same math with
+library's are csrc/cpu/lorafa_cpu.cpp and csrc/cuda/: lorafa_cuda.cu over kernels/*.cuh). They compute the same math with
 the same dropout mask; python_backend/ops.py registers them.
 
 The low-rank products run in z's dtype, promote(x.dtype, lora_a.dtype): with fp32 adapters and bf16,

@@ -103,15 +103,9 @@ def _build_ours(method: str, clf, r: int, lr: float, eps: float, init: str):
 
     kw = {} if init == "kaiming" else {"init": init}
     ret = apply_lorafa(clf, list(TARGET_MODULES), r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                       correction=(method == "ours_corr"), **kw)
+                       correction=(method == "ours_corr"), modules_to_save=["classifier"], **kw)
     model = ret if isinstance(ret, nn.Module) else clf
-    head = head_of(model)
-    head.requires_grad_(True)
-    params = list(lorafa_parameters(model)) + list(head.parameters())
-    keep = {id(p) for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
-    return model, _adamw(params, lr, eps)
+    return model, _adamw(list(lorafa_parameters(model)), lr, eps)  # the B's and the head
 
 
 def build(method: str, r: int, lr: float, seed: int, encoder: nn.Module, device, eps: float = 1e-6,
