@@ -231,3 +231,5 @@ def test_allowed_lora_dtypes_pass(device):
             c = _good(device, xdtype, ldtype)
             ops.linear_forward(*_args(c), 0.0, None)
             ops.linear(*_args(c))
+            ops.lowrank_forward(*_lowrank_args(c), 0.0, None)
+            ops.lowrank(*_lowrank_args(c))

@@ -25,6 +25,8 @@ from tests.helpers import (
 # (leading dims of x, in, out, r): odd shapes, N in 1, 7, 129
 SHAPES = [((1,), 33, 65, 1), ((7,), 65, 33, 8), ((129,), 33, 65, 16), ((3, 5), 33, 33, 8)]
 SEED = 20261201
+# every admitted (x, adapter) dtype pair
+ALL_PAIRS = DTYPE_PAIRS + [("fp64", "fp64"), ("fp64", "fp32")]
 
 
 def _ref(c, mask, p):
@@ -79,7 +81,7 @@ def _check_backward(c, dy, z, dx, d_b, mask, p):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS + [("fp64", "fp64")], ids=lambda d: f"{d[0]}-{d[1]}")
+@pytest.mark.parametrize("dtypes", ALL_PAIRS, ids=lambda d: f"{d[0]}-{d[1]}")
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_lowrank_forward_backward(device, shape, dtypes, p):
     ops = ops_for(device)
