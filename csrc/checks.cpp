@@ -63,29 +63,40 @@ void check_seed(const char* op, const std::optional<at::Tensor>& seed, double dr
               ", got ", seed->device());
 }
 
-// x-like tensor (x, last dim `in`, or grad_y, last dim `out`) against the parameters.
-void check_params(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& weight,
+// x-like tensor (x, last dim `in`, or grad_y, last dim `out`) against the parameters. weight is
+// null for the low-rank ops, whose only parameters are the adapters: then out and in are lora_b's
+// rows and lora_a's columns, and only r is matched between them.
+void check_params(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor* weight,
                   const at::Tensor& lora_a, const at::Tensor& lora_b,
                   const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1, op, ": ", x_name, " must have at least 1 dimension, got a 0-d tensor");
   TORCH_CHECK(is_float(x.scalar_type()), op, ": ", x_name, " must be a floating-point tensor, got ",
               dtype_name(x.scalar_type()));
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out, in), got shape ",
-              shape_str(weight.sizes()));
+  if (weight != nullptr) {
+    TORCH_CHECK(weight->dim() == 2, op, ": weight must be 2-D (out, in), got shape ",
+                shape_str(weight->sizes()));
+  }
   TORCH_CHECK(lora_a.dim() == 2, op, ": lora_a must be 2-D (r, in), got shape ",
               shape_str(lora_a.sizes()));
   TORCH_CHECK(lora_b.dim() == 2, op, ": lora_b must be 2-D (out, r), got shape ",
               shape_str(lora_b.sizes()));
-  const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);
+  const int64_t r = lora_a.size(0);
   TORCH_CHECK(r >= 1, op, ": lora_a must have at least one row (rank r >= 1), got r = ", r);
-  TORCH_CHECK(lora_a.size(1) == in, op, ": lora_a must have shape (r, in) with in = ", in, ", got ",
-              shape_str(lora_a.sizes()));
-  TORCH_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, op,
-              ": lora_b must have shape (out, r) = (", out, ", ", r, "), got ",
-              shape_str(lora_b.sizes()));
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have ", x_name,
-              "'s dtype ", dtype_name(x.scalar_type()), ", got ",
-              dtype_name(weight.scalar_type()));
+  const int64_t out = weight != nullptr ? weight->size(0) : lora_b.size(0);
+  if (weight != nullptr) {
+    const int64_t in = weight->size(1);
+    TORCH_CHECK(lora_a.size(1) == in, op, ": lora_a must have shape (r, in) with in = ", in,
+                ", got ", shape_str(lora_a.sizes()));
+    TORCH_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, op,
+                ": lora_b must have shape (out, r) = (", out, ", ", r, "), got ",
+                shape_str(lora_b.sizes()));
+    TORCH_CHECK(weight->scalar_type() == x.scalar_type(), op, ": weight must have ", x_name,
+                "'s dtype ", dtype_name(x.scalar_type()), ", got ",
+                dtype_name(weight->scalar_type()));
+  } else {
+    TORCH_CHECK(lora_b.size(1) == r, op, ": lora_b must have shape (out, r) with r = ", r,
+                ", got ", shape_str(lora_b.sizes()));
+  }
   TORCH_CHECK(lora_a.scalar_type() == lora_b.scalar_type(), op,
               ": lora_a and lora_b must share a dtype, got ", dtype_name(lora_a.scalar_type()),
               " and ", dtype_name(lora_b.scalar_type()));
@@ -100,38 +111,10 @@ void check_params(const char* op, const char* x_name, const at::Tensor& x, const
                 dtype_name(bias->scalar_type()));
   }
   const std::pair<const char*, const at::Tensor*> params[] = {
-      {"weight", &weight}, {"lora_a", &lora_a}, {"lora_b", &lora_b},
+      {"weight", weight}, {"lora_a", &lora_a}, {"lora_b", &lora_b},
       {"bias", bias.has_value() ? &*bias : nullptr}};
   for (const auto& [name, t] : params) {
     if (t == nullptr) continue;
-    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on ", x_name, "'s device ",
-                x.device(), ", got ", t->device());
-  }
-}
-
-// x-like tensor (x, last dim `in`, or grad_y, last dim `out`) against the adapters alone.
-void check_adapters(const char* op, const char* x_name, const at::Tensor& x,
-                    const at::Tensor& lora_a, const at::Tensor& lora_b) {
-  TORCH_CHECK(x.dim() >= 1, op, ": ", x_name, " must have at least 1 dimension, got a 0-d tensor");
-  TORCH_CHECK(is_float(x.scalar_type()), op, ": ", x_name, " must be a floating-point tensor, got ",
-              dtype_name(x.scalar_type()));
-  TORCH_CHECK(lora_a.dim() == 2, op, ": lora_a must be 2-D (r, in), got shape ",
-              shape_str(lora_a.sizes()));
-  TORCH_CHECK(lora_b.dim() == 2, op, ": lora_b must be 2-D (out, r), got shape ",
-              shape_str(lora_b.sizes()));
-  const int64_t r = lora_a.size(0);
-  TORCH_CHECK(r >= 1, op, ": lora_a must have at least one row (rank r >= 1), got r = ", r);
-  TORCH_CHECK(lora_b.size(1) == r, op, ": lora_b must have shape (out, r) with r = ", r, ", got ",
-              shape_str(lora_b.sizes()));
-  TORCH_CHECK(lora_a.scalar_type() == lora_b.scalar_type(), op,
-              ": lora_a and lora_b must share a dtype, got ", dtype_name(lora_a.scalar_type()),
-              " and ", dtype_name(lora_b.scalar_type()));
-  TORCH_CHECK(lora_a.scalar_type() == x.scalar_type() || lora_a.scalar_type() == at::kFloat, op,
-              ": lora_a/lora_b must have ", x_name, "'s dtype ", dtype_name(x.scalar_type()),
-              " or float32, got ", dtype_name(lora_a.scalar_type()));
-  const std::pair<const char*, const at::Tensor*> params[] = {{"lora_a", &lora_a},
-                                                              {"lora_b", &lora_b}};
-  for (const auto& [name, t] : params) {
     TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on ", x_name, "'s device ",
                 x.device(), ", got ", t->device());
   }
@@ -165,48 +148,26 @@ at::ScalarType gram_dtype(const at::Tensor& lora_a) {
   return at::promote_types(lora_a.scalar_type(), at::kFloat);
 }
 
-void check_forward(const char* op, const at::Tensor& x, const at::Tensor& weight,
+void check_forward(const char* op, const at::Tensor& x, const at::Tensor* weight,
                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                    const at::Tensor& lora_b, double scaling, double dropout_p,
                    const std::optional<at::Tensor>& seed) {
   check_params(op, "x", x, weight, lora_a, lora_b, bias);
-  TORCH_CHECK(x.size(-1) == weight.size(1), op,
-              ": x must have shape (*, in) with in = weight.shape[1] = ", weight.size(1), ", got ",
+  const int64_t in = weight != nullptr ? weight->size(1) : lora_a.size(1);
+  TORCH_CHECK(x.size(-1) == in, op, ": x must have shape (*, in) with in = ",
+              weight != nullptr ? "weight.shape[1]" : "lora_a.shape[1]", " = ", in, ", got ",
               shape_str(x.sizes()));
   check_scalars(op, scaling, dropout_p);
   check_seed(op, seed, dropout_p, x.device());
 }
 
 void check_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& z,
-                    const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                    const at::Tensor* weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                     double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
   check_params(op, "grad_y", grad_y, weight, lora_a, lora_b, std::nullopt);
-  const int64_t out = weight.size(0);
-  TORCH_CHECK(grad_y.size(-1) == out, op, ": grad_y must have shape (*, out) with out = ", out,
-              ", got ", shape_str(grad_y.sizes()));
-  check_z(op, grad_y, z, lora_a);
-  check_scalars(op, scaling, dropout_p);
-  check_seed(op, seed, dropout_p, grad_y.device());
-}
-
-void check_lowrank_forward(const char* op, const at::Tensor& x, const at::Tensor& lora_a,
-                           const at::Tensor& lora_b, double scaling, double dropout_p,
-                           const std::optional<at::Tensor>& seed) {
-  check_adapters(op, "x", x, lora_a, lora_b);
-  TORCH_CHECK(x.size(-1) == lora_a.size(1), op,
-              ": x must have shape (*, in) with in = lora_a.shape[1] = ", lora_a.size(1), ", got ",
-              shape_str(x.sizes()));
-  check_scalars(op, scaling, dropout_p);
-  check_seed(op, seed, dropout_p, x.device());
-}
-
-void check_lowrank_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& z,
-                            const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
-                            double dropout_p, const std::optional<at::Tensor>& seed) {
-  check_adapters(op, "grad_y", grad_y, lora_a, lora_b);
-  const int64_t out = lora_b.size(0);
-  TORCH_CHECK(grad_y.size(-1) == out, op,
-              ": grad_y must have shape (*, out) with out = lora_b.shape[0] = ", out, ", got ",
+  const int64_t out = weight != nullptr ? weight->size(0) : lora_b.size(0);
+  TORCH_CHECK(grad_y.size(-1) == out, op, ": grad_y must have shape (*, out) with out = ",
+              weight != nullptr ? "weight.shape[0]" : "lora_b.shape[0]", " = ", out, ", got ",
               shape_str(grad_y.sizes()));
   check_z(op, grad_y, z, lora_a);
   check_scalars(op, scaling, dropout_p);

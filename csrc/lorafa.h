@@ -27,20 +27,15 @@
 
 namespace lorafa {
 
-// Argument checks, worded as the Python fakes word them (lorafa_ext/_checks.py).
-void check_forward(const char* op, const at::Tensor& x, const at::Tensor& weight,
+// Argument checks, worded as the Python fakes word them (lorafa_ext/_checks.py). weight is null
+// for the low-rank ops (lowrank_forward / lowrank_backward), which have no base layer.
+void check_forward(const char* op, const at::Tensor& x, const at::Tensor* weight,
                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                    const at::Tensor& lora_b, double scaling, double dropout_p,
                    const std::optional<at::Tensor>& seed);
 void check_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& z,
-                    const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                    const at::Tensor* weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                     double scaling, double dropout_p, const std::optional<at::Tensor>& seed);
-void check_lowrank_forward(const char* op, const at::Tensor& x, const at::Tensor& lora_a,
-                           const at::Tensor& lora_b, double scaling, double dropout_p,
-                           const std::optional<at::Tensor>& seed);
-void check_lowrank_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& z,
-                            const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
-                            double dropout_p, const std::optional<at::Tensor>& seed);
 void check_gram_inverse(const char* op, const at::Tensor& lora_a, double eps);
 void check_correct_grad(const char* op, const at::Tensor& grad_b, const at::Tensor& gram_inv,
                         double scaling);

@@ -41,29 +41,38 @@ def check_seed(op, seed, dropout_p, device):
 
 
 def check_params(op, x_name, x, weight, lora_a, lora_b, bias=None):
-    """Check x-like tensor (last dim `in` for x, `out` for grad_y) against weight, lora_a, lora_b."""
+    """Check x-like tensor (last dim `in` for x, `out` for grad_y) against the parameters. ``weight`` is
+    None for the low-rank ops, whose only parameters are the adapters: then out and in are lora_b's
+    rows and lora_a's columns, and only r is matched between them."""
     torch._check(x.dim() >= 1, lambda: f"{op}: {x_name} must have at least 1 dimension, got a 0-d tensor")
     torch._check(
         x.dtype in FLOAT_DTYPES, lambda: f"{op}: {x_name} must be a floating-point tensor, got {x.dtype}"
     )
-    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D (out, in), got shape {_shape(weight)}")
+    if weight is not None:
+        torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D (out, in), got shape {_shape(weight)}")
     torch._check(lora_a.dim() == 2, lambda: f"{op}: lora_a must be 2-D (r, in), got shape {_shape(lora_a)}")
     torch._check(lora_b.dim() == 2, lambda: f"{op}: lora_b must be 2-D (out, r), got shape {_shape(lora_b)}")
-    out, n_in = weight.shape
     r = lora_a.shape[0]
     torch._check(r >= 1, lambda: f"{op}: lora_a must have at least one row (rank r >= 1), got r = {r}")
-    torch._check(
-        lora_a.shape[1] == n_in,
-        lambda: f"{op}: lora_a must have shape (r, in) with in = {n_in}, got {_shape(lora_a)}",
-    )
-    torch._check(
-        lora_b.shape[0] == out and lora_b.shape[1] == r,
-        lambda: f"{op}: lora_b must have shape (out, r) = ({out}, {r}), got {_shape(lora_b)}",
-    )
-    torch._check(
-        weight.dtype == x.dtype,
-        lambda: f"{op}: weight must have {x_name}'s dtype {x.dtype}, got {weight.dtype}",
-    )
+    out = weight.shape[0] if weight is not None else lora_b.shape[0]
+    if weight is not None:
+        n_in = weight.shape[1]
+        torch._check(
+            lora_a.shape[1] == n_in,
+            lambda: f"{op}: lora_a must have shape (r, in) with in = {n_in}, got {_shape(lora_a)}",
+        )
+        torch._check(
+            lora_b.shape[0] == out and lora_b.shape[1] == r,
+            lambda: f"{op}: lora_b must have shape (out, r) = ({out}, {r}), got {_shape(lora_b)}",
+        )
+        torch._check(
+            weight.dtype == x.dtype,
+            lambda: f"{op}: weight must have {x_name}'s dtype {x.dtype}, got {weight.dtype}",
+        )
+    else:
+        torch._check(
+            lora_b.shape[1] == r, lambda: f"{op}: lora_b must have shape (out, r) with r = {r}, got {_shape(lora_b)}"
+        )
     torch._check(
         lora_a.dtype == lora_b.dtype,
         lambda: f"{op}: lora_a and lora_b must share a dtype, got {lora_a.dtype} and {lora_b.dtype}",
@@ -88,33 +97,6 @@ def check_params(op, x_name, x, weight, lora_a, lora_b, bias=None):
             )
 
 
-def check_adapters(op, x_name, x, lora_a, lora_b):
-    """Check x-like tensor (last dim `in` for x, `out` for grad_y) against lora_a and lora_b alone."""
-    torch._check(x.dim() >= 1, lambda: f"{op}: {x_name} must have at least 1 dimension, got a 0-d tensor")
-    torch._check(
-        x.dtype in FLOAT_DTYPES, lambda: f"{op}: {x_name} must be a floating-point tensor, got {x.dtype}"
-    )
-    torch._check(lora_a.dim() == 2, lambda: f"{op}: lora_a must be 2-D (r, in), got shape {_shape(lora_a)}")
-    torch._check(lora_b.dim() == 2, lambda: f"{op}: lora_b must be 2-D (out, r), got shape {_shape(lora_b)}")
-    r = lora_a.shape[0]
-    torch._check(r >= 1, lambda: f"{op}: lora_a must have at least one row (rank r >= 1), got r = {r}")
-    torch._check(
-        lora_b.shape[1] == r, lambda: f"{op}: lora_b must have shape (out, r) with r = {r}, got {_shape(lora_b)}"
-    )
-    torch._check(
-        lora_a.dtype == lora_b.dtype,
-        lambda: f"{op}: lora_a and lora_b must share a dtype, got {lora_a.dtype} and {lora_b.dtype}",
-    )
-    torch._check(
-        lora_a.dtype in (x.dtype, torch.float32),
-        lambda: f"{op}: lora_a/lora_b must have {x_name}'s dtype {x.dtype} or float32, got {lora_a.dtype}",
-    )
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
-        torch._check(
-            t.device == x.device, lambda: f"{op}: {name} must be on {x_name}'s device {x.device}, got {t.device}"
-        )
-
-
 def check_z(op, grad_y, z, lora_a):
     """Check z against grad_y and lora_a (the backward ops)."""
     rows = math.prod(grad_y.shape[:-1])
@@ -132,43 +114,24 @@ def check_z(op, grad_y, z, lora_a):
 
 
 def check_forward(op, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    """The forward ops' arguments; weight (and bias) None for lowrank_forward."""
     check_params(op, "x", x, weight, lora_a, lora_b, bias)
+    n_in, src = (weight.shape[1], "weight.shape[1]") if weight is not None else (lora_a.shape[1], "lora_a.shape[1]")
     torch._check(
-        x.shape[-1] == weight.shape[1],
-        lambda: f"{op}: x must have shape (*, in) with in = weight.shape[1] = {weight.shape[1]}, got {_shape(x)}",
+        x.shape[-1] == n_in,
+        lambda: f"{op}: x must have shape (*, in) with in = {src} = {n_in}, got {_shape(x)}",
     )
     check_scalars(op, scaling, dropout_p)
     check_seed(op, seed, dropout_p, x.device)
 
 
 def check_backward(op, grad_y, z, weight, lora_a, lora_b, scaling, dropout_p, seed):
+    """The backward ops' arguments; weight None for lowrank_backward."""
     check_params(op, "grad_y", grad_y, weight, lora_a, lora_b)
-    out = weight.shape[0]
+    out, src = (weight.shape[0], "weight.shape[0]") if weight is not None else (lora_b.shape[0], "lora_b.shape[0]")
     torch._check(
         grad_y.shape[-1] == out,
-        lambda: f"{op}: grad_y must have shape (*, out) with out = {out}, got {_shape(grad_y)}",
-    )
-    check_z(op, grad_y, z, lora_a)
-    check_scalars(op, scaling, dropout_p)
-    check_seed(op, seed, dropout_p, grad_y.device)
-
-
-def check_lowrank_forward(op, x, lora_a, lora_b, scaling, dropout_p, seed):
-    check_adapters(op, "x", x, lora_a, lora_b)
-    torch._check(
-        x.shape[-1] == lora_a.shape[1],
-        lambda: f"{op}: x must have shape (*, in) with in = lora_a.shape[1] = {lora_a.shape[1]}, got {_shape(x)}",
-    )
-    check_scalars(op, scaling, dropout_p)
-    check_seed(op, seed, dropout_p, x.device)
-
-
-def check_lowrank_backward(op, grad_y, z, lora_a, lora_b, scaling, dropout_p, seed):
-    check_adapters(op, "grad_y", grad_y, lora_a, lora_b)
-    out = lora_b.shape[0]
-    torch._check(
-        grad_y.shape[-1] == out,
-        lambda: f"{op}: grad_y must have shape (*, out) with out = lora_b.shape[0] = {out}, got {_shape(grad_y)}",
+        lambda: f"{op}: grad_y must have shape (*, out) with out = {src} = {out}, got {_shape(grad_y)}",
     )
     check_z(op, grad_y, z, lora_a)
     check_scalars(op, scaling, dropout_p)

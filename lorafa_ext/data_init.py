@@ -18,13 +18,13 @@ stays frozen.
 
 Statistics. Each layer's statistic is summed exactly, in fp32 (fp64 for fp64 adapters), from
 forward hooks (x) and hooks on the layer's output gradient (dy): G (out x in) for "gradient",
-X^T X (in x in) for "activation". The top-r subspace comes from ``torch.linalg.eigh`` of the
-smaller of G G^T / G^T G (or of X^T X). Holding every layer's statistic at once would cost, for
-"gradient", twice the memory of a bf16 model; so layers are processed in groups, in module order,
-whose statistics together stay within ``max_stat_bytes`` (default: the bytes of the model's
-parameters), one pass over ``batches`` per group. A layer whose statistic alone exceeds the limit
-makes a group of its own. With more than one group ``batches`` must be re-iterable (a list, a
-DataLoader). For "gradient", the layers of the current group also keep their input x until the
+X^T X (in x in) for "activation". The top-r subspace comes from ``torch.linalg.svd`` of G itself
+(forming G^T G would square its condition number) or ``torch.linalg.eigh`` of X^T X. Holding every
+layer's statistic at once would cost, for "gradient", twice the memory of a bf16 model; so layers
+are processed in groups, in module order, whose statistics together stay within ``max_stat_bytes``
+(default: the bytes of the model's parameters), one pass over ``batches`` per group. A layer whose
+statistic alone exceeds the limit makes a group of its own. With more than one group ``batches``
+must be re-iterable (a list, a DataLoader). For "gradient", the layers of the current group also keep their input x until the
 backward pass reaches them (the LoRA-FA op itself keeps only x A^T).
 
 Every pass runs with the model in eval mode (no dropout), so each pass computes the same function;
@@ -56,8 +56,8 @@ METHODS = ("gradient", "activation")
 # A's rows are orthonormal / sqrt(3): A A^T = I/3, the expected Gram matrix of kaiming-uniform(a=sqrt(5)).
 A_ROW_NORM = 1.0 / math.sqrt(3.0)
 
-# A direction counts towards the available rank when its eigenvalue of the (symmetric, PSD) statistic
-# exceeds RANK_RTOL * n * eps(dtype) times the largest one: above the rounding noise of forming it.
+# "activation": an eigenvalue of X^T X counts towards the available rank when it exceeds RANK_RTOL times
+# the rounding noise of forming the Gram; "gradient" uses numpy's matrix_rank rule (see _subspace).
 RANK_RTOL = 10.0
 
 
@@ -239,27 +239,35 @@ def _collect(model, group, method, batches, num_batches, loss_fn) -> int:
 # ---------------------------------------------------------------------------------- subspace
 
 
-def _top_eigvecs(sym: Tensor, r: int) -> Tuple[Tensor, Tensor, int]:
-    """Top-r eigenpairs of a symmetric PSD matrix, decreasing: (values (r,), vectors (n, r), numerical rank)."""
-    values, vectors = torch.linalg.eigh(sym)
-    values, vectors = values.flip(0), vectors.flip(1)
-    tol = RANK_RTOL * sym.shape[0] * torch.finfo(sym.dtype).eps * values[0].clamp_min(0)
-    rank = int((values > tol).sum().item()) if values[0] > 0 else 0
-    return values[:r], vectors[:, :r], rank
+def _numerical_rank(values: Tensor, tol_scale: float) -> int:
+    """How many of the decreasing, non-negative ``values`` exceed tol_scale times the largest one."""
+    if not values.numel() or values[0] <= 0:
+        return 0
+    return int((values > tol_scale * values[0]).sum().item())
 
 
 def _subspace(stat: _Stat, method: str) -> Tuple[Optional[Tensor], int]:
-    """Orthonormal rows (r, in) spanning the layer's top-r subspace, or None; and the rank available."""
+    """Orthonormal rows (r, in) spanning the layer's top-r subspace, or None; and the rank available.
+
+    "activation": eigenvectors of the Gram X^T X. Forming it in precision eps perturbs its eigenvalues
+    by about n * eps * lambda_max, so a direction counts when lambda > RANK_RTOL * n * eps * lambda_max.
+    "gradient": the SVD of G itself, never of G^T G (which would square G's condition number and lose
+    every direction with sigma / sigma_max below sqrt(n eps), a few percent in fp32); a direction counts
+    when sigma > max(out, in) * eps * sigma_max, the threshold of numpy.linalg.matrix_rank. (A classifier
+    with few classes has a last-layer gradient whose spectrum falls to ~1e-3 sigma_max after a handful
+    of directions: real signal, which a stricter threshold would refuse at r = 16.)
+    """
     r, value = stat.adapter.r, stat.value
+    eps = torch.finfo(value.dtype).eps
     if method == "activation":
-        _, vecs, rank = _top_eigvecs(value, r)  # vecs: right singular vectors of X
-        basis = vecs
-    elif value.shape[0] >= value.shape[1]:  # G^T G (in x in): its eigenvectors are G's right singular vectors
-        _, vecs, rank = _top_eigvecs(value.t() @ value, r)
-        basis = vecs
-    else:  # G G^T (out x out) is smaller: left singular vectors U, then span(G^T U)
-        _, vecs, rank = _top_eigvecs(value @ value.t(), r)
-        basis = torch.linalg.qr(value.t() @ vecs).Q
+        values, vectors = torch.linalg.eigh(value)
+        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+        rank = _numerical_rank(values, RANK_RTOL * value.shape[0] * eps)
+        basis = vectors[:, :r]
+    else:
+        _, sing, vh = torch.linalg.svd(value, full_matrices=False)  # G = U diag(sing) Vh, Vh (k, in)
+        rank = _numerical_rank(sing, max(value.shape) * eps)
+        basis = vh[:r].t()
     if rank < r:
         return None, rank
     rows = basis.t().contiguous()

@@ -153,7 +153,7 @@ def lowrank_forward(
 
 @torch.library.register_fake("lorafa::lowrank_forward")
 def _lowrank_forward_fake(x, lora_a, lora_b, scaling, dropout_p=0.0, seed=None):
-    _checks.check_lowrank_forward("lorafa.lowrank_forward", x, lora_a, lora_b, scaling, dropout_p, seed)
+    _checks.check_forward("lorafa.lowrank_forward", x, None, None, lora_a, lora_b, scaling, dropout_p, seed)
     rows = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], lora_b.shape[0]))
     z = x.new_empty((rows, lora_a.shape[0]), dtype=torch.promote_types(x.dtype, lora_a.dtype))
@@ -178,7 +178,7 @@ def lowrank_backward(
 
 @torch.library.register_fake("lorafa::lowrank_backward")
 def _lowrank_backward_fake(grad_y, z, lora_a, lora_b, scaling, dropout_p, seed, output_mask):
-    _checks.check_lowrank_backward("lorafa.lowrank_backward", grad_y, z, lora_a, lora_b, scaling, dropout_p, seed)
+    _checks.check_backward("lorafa.lowrank_backward", grad_y, z, None, lora_a, lora_b, scaling, dropout_p, seed)
     dx = grad_y.new_empty((*grad_y.shape[:-1], lora_a.shape[1])) if output_mask[0] else grad_y.new_empty(0)
     d_b = lora_b.new_empty(lora_b.shape) if output_mask[1] else lora_b.new_empty(0)
     return dx, d_b

@@ -310,6 +310,35 @@ def test_rank_larger_than_the_data_allows(method):
                        method, loss_fn=linear_loss)
 
 
+def _spectrum_batch(sing, d_in, d_out, seed=0):
+    """One fp32 batch whose full-weight gradient under linear_loss is G = t^T x = U^T diag(sing) V, with
+    orthonormal rows U (k, out) and V (k, in): G's singular values are exactly ``sing`` (fp64 data)."""
+    g = torch.Generator().manual_seed(seed)
+    k = len(sing)
+    u = torch.linalg.qr(torch.randn(d_out, k, generator=g, dtype=torch.float64)).Q.T
+    v = torch.linalg.qr(torch.randn(d_in, k, generator=g, dtype=torch.float64)).Q.T
+    return [((torch.tensor(sing, dtype=torch.float64)[:, None] * v).float(), u.float())], v
+
+
+def test_gradient_rank_counts_small_singular_values():
+    """A real direction at 1e-3 of the largest singular value is above fp32 rounding (a threshold on the
+    squared spectrum, G^T G, would drop everything below ~1e-2 here); an exactly missing one is not."""
+    layer = nn.Sequential(nn.Linear(48, 40))
+    sing = [1.0, 0.5, 3e-3, 2e-3, 1.5e-3, 1e-3]
+    batches, v = _spectrum_batch(sing, 48, 40)
+    model = copy.deepcopy(layer)
+    apply_lorafa(model, ["0"], r=6, lora_alpha=12)
+    init_from_data(model, batches, "gradient", loss_fn=linear_loss)
+    got = layer_a(model, "0")
+    # Wedin: sin <= |rounding of G| / gap, with |rounding| ~ eps * sigma_1 and the gap sigma_6 - 0 = 1e-3
+    assert sin_angle(got, v) < 100 * torch.finfo(torch.float32).eps / 1e-3
+    planted_rank5, _ = _spectrum_batch(sing[:5], 48, 40)
+    model = copy.deepcopy(layer)
+    apply_lorafa(model, ["0"], r=6, lora_alpha=12)
+    with pytest.raises(ValueError, match=r"layer '0' has r=6, but its full-weight gradient .* has rank 5"):
+        init_from_data(model, planted_rank5, "gradient", loss_fn=linear_loss)
+
+
 def test_trained_or_merged_layers_are_refused():
     plain = plain_model()
     batches = cast(planted_batches(), torch.float64)

@@ -171,7 +171,7 @@ Tensors2 linear_forward(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                         const at::Tensor& lora_b, double scaling, double dropout_p,
                         const std::optional<at::Tensor>& seed) {
-  check_forward("lorafa.linear_forward", x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
+  check_forward("lorafa.linear_forward", x, &weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
   KernelScope scope(x);
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0), rows = flat_rows(x);
   const auto zdt = z_dtype(x, lora_a);
@@ -204,7 +204,7 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z_in, const
                          const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
                          double dropout_p, const std::optional<at::Tensor>& seed,
                          std::array<bool, 3> output_mask) {
-  check_backward("lorafa.linear_backward", grad_y, z_in, weight, lora_a, lora_b, scaling, dropout_p,
+  check_backward("lorafa.linear_backward", grad_y, z_in, &weight, lora_a, lora_b, scaling, dropout_p,
                  seed);
   KernelScope scope(grad_y);
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);
@@ -240,7 +240,8 @@ Tensors3 linear_backward(const at::Tensor& grad_y, const at::Tensor& z_in, const
 
 Tensors2 lowrank_forward(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                          double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
-  check_lowrank_forward("lorafa.lowrank_forward", x, lora_a, lora_b, scaling, dropout_p, seed);
+  check_forward("lorafa.lowrank_forward", x, nullptr, std::nullopt, lora_a, lora_b, scaling,
+                dropout_p, seed);
   KernelScope scope(x);
   const int64_t out = lora_b.size(0), in = lora_a.size(1), r = lora_a.size(0), rows = flat_rows(x);
   const auto zdt = z_dtype(x, lora_a);
@@ -268,8 +269,8 @@ Tensors2 lowrank_backward(const at::Tensor& grad_y, const at::Tensor& z_in,
                           const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
                           double dropout_p, const std::optional<at::Tensor>& seed,
                           std::array<bool, 2> output_mask) {
-  check_lowrank_backward("lorafa.lowrank_backward", grad_y, z_in, lora_a, lora_b, scaling,
-                         dropout_p, seed);
+  check_backward("lorafa.lowrank_backward", grad_y, z_in, nullptr, lora_a, lora_b, scaling,
+                 dropout_p, seed);
   KernelScope scope(grad_y);
   const int64_t out = lora_b.size(0), in = lora_a.size(1), r = lora_a.size(0);
   const int64_t rows = flat_rows(grad_y);

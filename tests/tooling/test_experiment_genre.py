@@ -94,7 +94,7 @@ def test_genre_toy_pipeline(tmp_path):
 
     res = saved["results"]
     assert [(x["method"], x["r"]) for x in res] == [("full", None)] + [
-        (m, 8) for m in ("peft_lora", "peft_lorafa", "ours_nocorr", "ours_corr")]
+        (m, 8) for m in ("peft_lora", "ours_grad", "ours_act", "ours_kaiming", "ours_grad_sgd", "ours_grad_sgd_corr")]
     fields = ("trainable_params", "lr_selected", "lr_grid", "test_acc", "test_acc_mean", "test_acc_std",
               "train_wall_s_mean", "peak_memory_bytes", "peak_memory_mib", "val_curve", "memory")
     for x in res:
@@ -103,15 +103,75 @@ def test_genre_toy_pipeline(tmp_path):
         assert 0.0 <= x["test_acc_mean"] <= 1.0
         assert x["val_curve"]["steps"] == [1, 2]
         assert x["peak_memory_bytes"] > 0 and x["train_wall_s_mean"] > 0
+        assert len(x["test_acc"]) == 2  # seeds
     by = {x["method"]: x for x in res}
     # full > LoRA (A and B) > LoRA-FA (B only); every method trains its head too
-    assert by["full"]["trainable_params"] > by["peft_lora"]["trainable_params"] > by["ours_corr"]["trainable_params"]
-    assert by["ours_corr"]["trainable_params"] == by["ours_nocorr"]["trainable_params"] \
-        == by["peft_lorafa"]["trainable_params"]
+    assert by["full"]["trainable_params"] > by["peft_lora"]["trainable_params"] > by["ours_grad"]["trainable_params"]
     # 36 adapted layers, r = 8: B is (out, 8) -> 8 * (4*384 + 1536 + 384) per layer, plus the head (384*3 + 3)
-    assert by["ours_corr"]["trainable_params"] == 6 * 8 * (4 * 384 + 1536 + 384) + 384 * 3 + 3
-    assert set(saved["goal"]["8"]) >= {"ours_corr_minus_peft_lora_pts", "ours_corr_minus_ours_nocorr_pts", "met"}
+    for m in ("ours_grad", "ours_act", "ours_kaiming", "ours_grad_sgd"):
+        assert by[m]["trainable_params"] == 6 * 8 * (4 * 384 + 1536 + 384) + 384 * 3 + 3
+    # a method with lr_from runs at its primary's pick; the others sweep two values of their grid
+    assert by["ours_kaiming"]["lr_grid"] == [by["ours_grad"]["lr_selected"]]
+    assert by["ours_grad_sgd_corr"]["lr_grid"] == [by["ours_grad_sgd"]["lr_selected"]]
+    assert len(by["ours_grad"]["lr_grid"]) == 2 and by["ours_grad_sgd"]["lr_grid"] == [0.05, 0.2]
+    assert by["ours_grad"]["init_s_mean"] > by["ours_kaiming"]["init_s_mean"]  # init_from_data ran
+
+    runs = saved["runs"]
+    assert len(runs) == 3 + 3 + 3 + 3 + 2 + 3 + 2
+    n_test = sum(d["passages_used"]["test"].values())
+    for x in runs:
+        assert ("test_pred" in x) == ("test_acc" in x)
+        if "test_pred" in x:
+            assert len(x["test_pred"]) == n_test and set(x["test_pred"]) <= set("012")
+    # paired: at init every adapter starts at the pretrained function (B = 0) with the same head, so
+    # every method of a seed sees the same first loss on the same first batch
+    for seed in (0, 1):
+        first = [x["train_loss_first"] for x in runs if x["seed"] == seed]
+        assert max(first) - min(first) < 1e-4 * abs(first[0]), (seed, first)
+
+    paired = saved["paired"]["8"]
+    assert set(paired) == {"full", "ours_grad", "ours_act", "ours_kaiming", "ours_grad_sgd", "ours_grad_sgd_corr"}
+    for m, d in paired.items():
+        assert d["ci_lo_pts"] <= d["diff_pts"] <= d["ci_hi_pts"], m
+        assert d["seeds"] == 2 and d["passages"] == n_test and d["plays"] == 9
+        mine, base = by[m]["test_acc_mean"], by["peft_lora"]["test_acc_mean"]
+        assert d["diff_pts"] == pytest.approx(100 * (mine - base), abs=1e-6)
+    goal = saved["goal"]["8"]
+    assert goal["method"] in ("ours_grad", "ours_act") and goal["met"] == (goal["ci_lo_pts"] >= -1.0)
     diag = saved["diagnostics"]["8"]["init"]
     assert diag["layers"] == 36 and diag["cond_AAt_mean"] >= 1.0
-    assert len(saved["runs"]) == 5
     assert out["results"][0]["method"] == "full"
+    assert not (out_dir / "partial.json").exists()
+
+    # --resume: the finished configurations are reused as they are, only the new one trains
+    more = genre.run(genre.parse_args(["--size", "toy", "--out", str(out_dir), "--device", "cpu", "--quiet",
+                                       "--resume", "--methods", *[x["method"] for x in res],
+                                       "ours_kaiming_nocorr"]))
+    got = {x["method"]: x for x in more["results"]}
+    assert set(got) == set(by) | {"ours_kaiming_nocorr"}
+    assert all(got[m] == by[m] for m in by)
+    assert len(more["runs"]) == len(runs) + 2 and all(x in more["runs"] for x in runs)
+    assert got["ours_kaiming_nocorr"]["lr_from"] == "ours_grad"
+    assert got["ours_kaiming_nocorr"]["lr_grid"] == [by["ours_grad"]["lr_selected"]]
+    assert "ours_kaiming_nocorr" in more["paired"]["8"]
+    with pytest.raises(ValueError, match="was run at another size"):
+        genre.run(genre.parse_args(["--size", "toy", "--steps", "3", "--out", str(out_dir), "--device", "cpu",
+                                    "--quiet", "--resume"]))
+
+
+def test_sizes_and_learning_rates_resolve():
+    from lorafa_ext.experiments import genre
+    from lorafa_ext.experiments.genre.cli import _lrs
+
+    assert genre.parse_args([]).size == "full"
+    assert genre.parse_args(["--quick"]).size == "quick"
+    size = genre.resolve_size(genre.parse_args(["--methods", "ours_act", "peft_lora", "--steps", "7"]))
+    assert size.methods == ("peft_lora", "ours_act") and size.steps == 7
+    full, quick = genre.SIZES["full"], genre.SIZES["quick"]
+    kaiming = genre.METHODS["ours_kaiming"]
+    # borrowed when the primary ran at that rank, and said so; else the primary's grid, unborrowed
+    assert _lrs(kaiming, 8, full, {("ours_grad", 8): 3e-3}, None) == ((3e-3,), "ours_grad")
+    assert _lrs(kaiming, 16, full, {("ours_grad", 8): 3e-3}, None) == ((3e-4, 1e-3, 3e-3), None)
+    assert _lrs(kaiming, 16, quick, {}, None) == ((1e-3,), None)
+    # --lrs: every value, ascending (ties in the selection go to the lower)
+    assert _lrs(genre.METHODS["peft_lora"], 8, quick, {}, [3e-3, 1e-4, 1e-3]) == ((1e-4, 1e-3, 3e-3), None)

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .config import Size
+from .config import METHODS, Size
 from .data import BalancedSampler
 from .model import build
 
@@ -43,8 +43,8 @@ def _summary(st: dict) -> dict:
             "norm_ratio_dBcorr_over_dB_mean": mean(st["ratios"]), "expected_norm_ratio": mean(st["expected"])}
 
 
-def _one_rank(encoder, data, size: Size, device, r: int, init: str) -> dict:
-    model, _, _ = build("ours_nocorr", r, 1e-3, 0, encoder, device, init=init)
+def _one_rank(encoder, data, size: Size, device, r: int) -> dict:
+    model, _, _ = build(METHODS["ours_kaiming_nocorr"], r, 1e-3, 0, encoder, device)
     ix = BalancedSampler(data["train"].labels, size.batch, 0).next()
     ids, y = data["train"].input_ids[ix].to(device), data["train"].labels[ix].to(device)
     # B = 0 at init makes dB depend on nothing but A and the data; take one sign-SGD step (as Adam's
@@ -63,10 +63,10 @@ def _one_rank(encoder, data, size: Size, device, r: int, init: str) -> dict:
     return rows
 
 
-def diagnostics(encoder, data, size: Size, device, ranks: Sequence[int], init: str = "kaiming") -> dict:
-    """Why the correction does (or does not) change training: for our layers at initialisation (seed 0),
+def diagnostics(encoder, data, size: Size, device, ranks: Sequence[int]) -> dict:
+    """Why the correction does (or does not) change training: for our layers with kaiming A (seed 0),
     the conditioning of A A^T, and for one training batch the cosine between B's plain gradient dB and
     the corrected one dB* = (1/s^2) dB (A A^T + delta I)^-1, and their norm ratio. With A A^T close
     to a multiple of I, dB* is close to a multiple of dB, and Adam (which divides every coordinate
     by its own running RMS) takes nearly the same steps with either."""
-    return {str(r): _one_rank(encoder, data, size, device, r, init) for r in ranks}
+    return {str(r): _one_rank(encoder, data, size, device, r) for r in ranks}

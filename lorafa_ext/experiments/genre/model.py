@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import shakespeare as shk
-from .config import TARGET_MODULES
+from .config import TARGET_MODULES, Method
 
 
 class MissingDependency(RuntimeError):
@@ -72,24 +72,36 @@ def count(params) -> int:
     return int(sum(p.numel() for p in params))
 
 
-def _adamw(params, lr: float, eps: float):
+def _optimizer(kind: str, params, lr: float, eps: float):
+    """AdamW (betas 0.9, 0.999, weight decay 0) or SGD with heavy-ball momentum 0.9."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=eps, weight_decay=0.0)
 
 
-def _build_full(clf, lr: float, eps: float):
+def classification_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Cross-entropy of a (input_ids, labels) batch: the loss_fn init_from_data runs."""
+    ids, y = batch
+    ids = ids.to(head_of(model).weight.device)
+    return nn.functional.cross_entropy(model(input_ids=ids, attention_mask=torch.ones_like(ids)), y.to(ids.device))
+
+
+def _build_full(clf, spec: Method, lr: float, eps: float):
     for p in clf.parameters():
         p.requires_grad_(True)
-    return clf, _adamw(list(clf.parameters()), lr, eps)
+    return clf, _optimizer(spec.optimizer, list(clf.parameters()), lr, eps)
 
 
-def _build_peft(method: str, clf, r: int, lr: float, eps: float):
+def _build_peft(clf, spec: Method, r: int, lr: float, eps: float):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(TARGET_MODULES), bias="none")
+    init = {"kaiming": True, "pissa": "pissa_niter_4"}[spec.init]
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(TARGET_MODULES), bias="none",
+                     init_lora_weights=init)
     model = get_peft_model(clf, cfg)
     head_of(model).requires_grad_(True)
-    if method == "peft_lora":
-        return model, _adamw([p for p in model.parameters() if p.requires_grad], lr, eps)
+    if spec.optimizer != "peft_lorafa":
+        return model, _optimizer(spec.optimizer, [p for p in model.parameters() if p.requires_grad], lr, eps)
     from peft.optimizers import create_lorafa_optimizer
 
     opt = create_lorafa_optimizer(model, r=r, lora_alpha=2 * r, lr=lr, weight_decay=0.0)  # freezes A
@@ -98,32 +110,32 @@ def _build_peft(method: str, clf, r: int, lr: float, eps: float):
     return model, opt
 
 
-def _build_ours(method: str, clf, r: int, lr: float, eps: float, init: str):
-    from lorafa_ext import apply_lorafa, lorafa_parameters
+def _build_ours(clf, spec: Method, r: int, lr: float, eps: float, batches):
+    from lorafa_ext import apply_lorafa, init_from_data, lorafa_parameters
 
-    kw = {} if init == "kaiming" else {"init": init}
     ret = apply_lorafa(clf, list(TARGET_MODULES), r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                       correction=(method == "ours_corr"), modules_to_save=["classifier"], **kw)
+                       correction=spec.correction, modules_to_save=["classifier"])
     model = ret if isinstance(ret, nn.Module) else clf
-    return model, _adamw(list(lorafa_parameters(model)), lr, eps)  # the B's and the head
+    if spec.init != "kaiming":
+        init_from_data(model, batches, spec.init, loss_fn=classification_loss)
+    return model, _optimizer(spec.optimizer, list(lorafa_parameters(model)), lr, eps)  # the B's and the head
 
 
-def build(method: str, r: int, lr: float, seed: int, encoder: nn.Module, device, eps: float = 1e-6,
-          init: str = "kaiming"):
-    """A fresh model for ``method`` and its optimizer. Returns (model, optimizer, trainable params).
-    ``init``: A's initialisation in our layers (kaiming, gaussian, orthogonal; see docs/LAYERS.md); the
-    PEFT methods always use PEFT's default (kaiming)."""
+def build(spec: Method, r: int, lr: float, seed: int, encoder: nn.Module, device, eps: float = 1e-6,
+          init_batches=None):
+    """A fresh model for the method ``spec`` and its optimizer. Returns (model, optimizer, trainable
+    params). ``init_batches``: the batches init_from_data sees (data-aware A only)."""
     torch.manual_seed(seed)
-    clf = GenreClassifier(copy.deepcopy(encoder))  # head initialised from the seed: same in every method
+    clf = GenreClassifier(copy.deepcopy(encoder)).to(device)  # head initialised from the seed: same in every method
     torch.manual_seed(seed + 7919)  # adapter A initialisation
-    if method == "full":
-        model, opt = _build_full(clf, lr, eps)
-    elif method in ("peft_lora", "peft_lorafa"):
-        model, opt = _build_peft(method, clf, r, lr, eps)
-    elif method in ("ours_nocorr", "ours_corr"):
-        model, opt = _build_ours(method, clf, r, lr, eps, init)
+    if spec.family == "full":
+        model, opt = _build_full(clf, spec, lr, eps)
+    elif spec.family == "peft":
+        model, opt = _build_peft(clf, spec, r, lr, eps)
+    elif spec.family == "ours":
+        model, opt = _build_ours(clf, spec, r, lr, eps, init_batches)
     else:
-        raise ValueError(f"unknown method {method!r}")
+        raise ValueError(f"unknown method family {spec.family!r}")
     model.to(device)
     return model, opt, count(p for p in model.parameters() if p.requires_grad)
 

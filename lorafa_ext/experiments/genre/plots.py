@@ -15,8 +15,9 @@ def plot(out: dict, path: str) -> Optional[str]:
         return None
     ranks = out["meta"]["size"]["ranks"]
     fig, axes = plt.subplots(1, len(ranks), figsize=(6 * len(ranks), 4.2), squeeze=False, sharey=True)
-    colors = {"full": "k", "peft_lora": "tab:blue", "peft_lorafa": "tab:orange", "ours_nocorr": "tab:green",
-              "ours_corr": "tab:red"}
+    colors = {"full": "k", "peft_lora": "tab:blue", "peft_pissa": "tab:cyan", "peft_lorafa": "tab:orange",
+              "ours_kaiming": "tab:red", "ours_kaiming_nocorr": "tab:pink", "ours_grad": "tab:green",
+              "ours_act": "tab:olive", "ours_grad_sgd": "tab:purple", "ours_grad_sgd_corr": "tab:brown"}
     maj = out["data"]["majority_baseline"]["val"]
     for ax, r in zip(axes[0], ranks):
         for res in out["results"]:
@@ -38,7 +39,8 @@ def plot(out: dict, path: str) -> Optional[str]:
     axes[0][-1].legend(fontsize=7, loc="lower right")
     size = out["meta"]["size"]
     fig.suptitle(f"Shakespeare genre, all-MiniLM-L6-v2 ({size['name']}: {size['steps']} steps, batch "
-                 f"{size['batch']} x {size['seq_len']} tokens; mean +- std over seeds at the selected lr)",
+                 f"{size['batch']} x {size['seq_len']} tokens; mean +- std over seeds at the selected lr; "
+                 f"{out['data'].get('val_curve_passages', '')} validation passages)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -18,7 +18,7 @@ def _intro(out: dict) -> list:
     L.append(f"Budget per run: {size['steps']} steps, batch {size['batch']} passages of {size['seq_len']} tokens, "
              f"{m['schedule']}; {m['optimizer']}. Learning rate: {m['selection']}. "
              f"{size['seeds']} seeds. Adapters on {', '.join(m['target_modules'])} (36 layers), alpha = 2r; "
-             f"head: {m['head']}, trainable in every method.")
+             f"head: {m['head']}, trainable in every method. Data-aware A: init_from_data on {m['init_from_data']}.")
     L.append("")
     return L
 
@@ -51,13 +51,14 @@ def _results(out: dict) -> list:
     L = []
     L.append("## Results (test accuracy, mean ± std over seeds, at the learning rate picked on validation)")
     L.append("")
-    L.append("| method | r | trainable params | lr | val acc (%) | test acc (%) | balanced test acc (%) | "
-             "train wall time / run (s) | ms / step | peak memory (MiB) |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| method | r | trainable params | lr | val acc (%) | test acc (%) | vs PEFT LoRA (pts, 95% CI) | "
+             "balanced test acc (%) | train wall time / run (s) | ms / step | peak memory (MiB) |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for res in out["results"]:
         L.append(f"| {res['label']} | {res['r'] if res['r'] is not None else 'all'} | {res['trainable_params']:,} | "
-                 f"{res['lr_selected']:g} | {_pm(res['val_acc_final_mean'], res['val_acc_final_std'])} | "
-                 f"**{_pm(res['test_acc_mean'], res['test_acc_std'])}** | "
+                 f"{res['lr_selected']:g}{'' if not res.get('lr_from') else ' (from ' + res['lr_from'] + ')'} | "
+                 f"{_pm(res['val_acc_final_mean'], res['val_acc_final_std'])} | "
+                 f"**{_pm(res['test_acc_mean'], res['test_acc_std'])}** | {_vs_baseline(out, res)} | "
                  f"{_pm(res['test_balanced_acc_mean'], res['test_balanced_acc_std'])} | "
                  f"{_pm(res['train_wall_s_mean'], res['train_wall_s_std'], 1.0)} | {res['ms_per_step_mean']:.0f} | "
                  f"{res['peak_memory_mib']:.1f} |")
@@ -65,6 +66,44 @@ def _results(out: dict) -> list:
     kind = out["results"][0]["peak_memory_kind"] if out["results"] else ""
     L.append(f"Peak memory: {kind}. Wall times are of the training steps alone (no evaluation)"
              + ("; this machine was shared with other work, so they are noisy." if "cpu" in m["device"] else "."))
+    L.append("")
+    return L
+
+
+def _ci(d: dict) -> str:
+    return f"{d['diff_pts']:+.1f} [{d['ci_lo_pts']:+.1f}, {d['ci_hi_pts']:+.1f}]"
+
+
+def _vs_baseline(out: dict, res: dict) -> str:
+    if res["method"] == out.get("baseline"):
+        return "(baseline)"
+    r = res["r"]
+    ranks = [str(r)] if r is not None else [str(x) for x in out["meta"]["size"]["ranks"]]
+    cells = [(k, out.get("paired", {}).get(k, {}).get(res["method"])) for k in ranks]
+    cells = [(k, d) for k, d in cells if d]
+    if not cells:
+        return "n/a"
+    if r is not None:
+        return _ci(cells[0][1])
+    return "; ".join(f"r={k}: {_ci(d)}" for k, d in cells)
+
+
+def _paired(out: dict) -> list:
+    if not out.get("paired"):
+        return []
+    L = ["## Paired differences against PEFT LoRA (test accuracy, points)", ""]
+    L.append("Each method minus PEFT LoRA at the same rank, per (seed, test passage), averaged; the same batches, "
+             "head initialisation and passages for both. 95% percentile bootstrap intervals, resampling seeds and "
+             "passages (the goal's interval), and resampling seeds and whole test plays (wider: passages of a play "
+             "are right or wrong together).")
+    L.append("")
+    L.append("| r | method | difference | 95% CI (passages, seeds) | 95% CI (plays, seeds) | seeds x passages |")
+    L.append("|---|---|---|---|---|---|")
+    labels = {x["method"]: x["label"] for x in out["results"]}
+    for r, rows in out["paired"].items():
+        for m, d in rows.items():
+            L.append(f"| {r} | {labels.get(m, m)} | {d['diff_pts']:+.2f} | [{d['ci_lo_pts']:+.2f}, {d['ci_hi_pts']:+.2f}] | "
+                     f"[{d['ci_plays_lo_pts']:+.2f}, {d['ci_plays_hi_pts']:+.2f}] | {d['seeds']} x {d['passages']} |")
     L.append("")
     return L
 
@@ -85,17 +124,17 @@ def _lr_sweep(out: dict) -> list:
 
 def _goal(out: dict) -> list:
     size = out["meta"]["size"]
-    L = []
-    L.append(f"## Goal: ours with correction within {GENRE_MAX_GAP_TO_LORA_PTS:g} point of LoRA, and at or above ours "
-             "without correction")
-    L.append("")
-    L.append("| r | ours_corr - peft_lora (pts) | ours_corr - ours_nocorr (pts) | ours_corr - peft_lorafa (pts) | met |")
-    L.append("|---|---|---|---|---|")
+    L = [f"## Goal: ours with the better data-aware A (picked on validation) at most {GENRE_MAX_GAP_TO_LORA_PTS:g} "
+         "point below PEFT LoRA (95% lower bound of the paired difference)", ""]
+    L.append("| r | method | difference (pts) | 95% CI (passages, seeds) | 95% CI (plays, seeds) | met |")
+    L.append("|---|---|---|---|---|---|")
     for r in size["ranks"]:
-        g = out["goal"].get(str(r), {})
-        f = lambda k: f"{g[k]:+.1f}" if k in g else "n/a"  # noqa: E731
-        L.append(f"| {r} | {f('ours_corr_minus_peft_lora_pts')} | {f('ours_corr_minus_ours_nocorr_pts')} | "
-                 f"{f('ours_corr_minus_peft_lorafa_pts')} | {'yes' if g.get('met') else 'no'} |")
+        g = out["goal"].get(str(r))
+        if not g:
+            L.append(f"| {r} | n/a | | | | no |")
+            continue
+        L.append(f"| {r} | {g['label']} | {g['diff_pts']:+.2f} | [{g['ci_lo_pts']:+.2f}, {g['ci_hi_pts']:+.2f}] | "
+                 f"[{g['ci_plays_lo_pts']:+.2f}, {g['ci_plays_hi_pts']:+.2f}] | {'yes' if g['met'] else 'no'} |")
     return L
 
 
@@ -134,6 +173,6 @@ def _plot(out: dict) -> list:
 
 def markdown(out: dict) -> str:
     L = []
-    for section in (_intro, _data, _results, _lr_sweep, _goal, _diagnostics, _plot):
+    for section in (_intro, _data, _results, _lr_sweep, _paired, _goal, _diagnostics, _plot):
         L += section(out)
     return "\n".join(L + [""])

@@ -11,13 +11,14 @@ from torch import nn
 from lorafa_ext.bench import SavedTensorCounter
 
 from .. import shakespeare as shk
-from .config import Size
+from .config import Method, Size
 from .data import BalancedSampler
 from .model import build, schedule
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: shk.Passages, device, batch: int) -> Dict[str, float]:
+@torch.inference_mode()
+def predict(model: nn.Module, data: shk.Passages, device, batch: int) -> torch.Tensor:
+    """The predicted genre of every passage (int64, on the CPU)."""
     was = model.training
     model.eval()
     preds = []
@@ -25,11 +26,17 @@ def evaluate(model: nn.Module, data: shk.Passages, device, batch: int) -> Dict[s
         ids = data.input_ids[i: i + batch].to(device)
         preds.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).argmax(-1).cpu())
     model.train(was)
-    pred = torch.cat(preds)
-    y = data.labels
-    acc = float((pred == y).float().mean())
-    recalls = [float((pred[y == c] == c).float().mean()) for c in range(len(shk.GENRES)) if (y == c).any()]
-    return {"acc": acc, "balanced_acc": float(sum(recalls) / len(recalls))}
+    return torch.cat(preds)
+
+
+def scores(pred: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """Accuracy and balanced accuracy (mean per-genre recall)."""
+    recalls = [float((pred[labels == c] == c).float().mean()) for c in range(len(shk.GENRES)) if (labels == c).any()]
+    return {"acc": float((pred == labels).float().mean()), "balanced_acc": float(sum(recalls) / len(recalls))}
+
+
+def evaluate(model: nn.Module, data: shk.Passages, device, batch: int) -> Dict[str, float]:
+    return scores(predict(model, data, device, batch), data.labels)
 
 
 def _memory_breakdown(model, opt, saved_bytes: int) -> Dict[str, int]:
@@ -87,10 +94,14 @@ class _Loop:
         self.losses.append(float(loss.detach()))
 
 
-def train_run(method: str, r: int, lr: float, seed: int, size: Size, encoder, data: Dict[str, shk.Passages],
-              device, measure_memory: bool = False, log=None, init: str = "kaiming") -> Tuple[dict, nn.Module]:
-    """One training run; returns (row, trained model)."""
-    model, opt, trainable = build(method, r, lr, seed, encoder, device, init=init)
+def train_run(spec: Method, r: int, lr: float, seed: int, size: Size, encoder, data: Dict[str, shk.Passages],
+              device, measure_memory: bool = False, log=None, init_batches=None) -> Tuple[dict, nn.Module]:
+    """One training run; returns (row, trained model). The validation curve: every size.eval_every
+    steps on data["val_curve"]; at the last step the whole data["val"] (val_acc_final), whose
+    curve-subset accuracy is the curve's last point."""
+    t_init = time.perf_counter()
+    model, opt, trainable = build(spec, r, lr, seed, encoder, device, init_batches=init_batches)
+    init_s = time.perf_counter() - t_init
     loop = _Loop(model, opt, size, data, device, seed)
     torch.manual_seed(20_000 + seed)  # model dropout
     model.train()
@@ -101,14 +112,20 @@ def train_run(method: str, r: int, lr: float, seed: int, size: Size, encoder, da
     curve_steps, curve_acc, t_run = [], [], time.perf_counter()
     for step in range(size.steps):
         loop.step(step, measure_memory)
-        if (step + 1) % size.eval_every == 0 or step + 1 == size.steps:
+        if (step + 1) % size.eval_every == 0 and step + 1 < size.steps:
             curve_steps.append(step + 1)
-            curve_acc.append(evaluate(model, data["val"], device, size.eval_batch)["acc"])
+            curve_acc.append(evaluate(model, data["val_curve"], device, size.eval_batch)["acc"])
+    val_pred = predict(model, data["val"], device, size.eval_batch)
+    curve_steps.append(size.steps)
+    idx = data["val_curve_index"]
+    curve_acc.append(scores(val_pred[idx], data["val"].labels[idx])["acc"])
+    val = scores(val_pred, data["val"].labels)
     losses = loop.losses
     row = {
-        "method": method, "r": None if method == "full" else r, "lr": lr, "seed": seed,
+        "method": spec.name, "r": None if spec.family == "full" else r, "lr": lr, "seed": seed,
         "trainable_params": trainable, "steps": size.steps, "batch": size.batch, "seq_len": size.seq_len,
-        "val_steps": curve_steps, "val_acc": curve_acc, "val_acc_final": curve_acc[-1],
+        "val_steps": curve_steps, "val_acc": curve_acc, "val_acc_final": val["acc"],
+        "val_balanced_acc_final": val["balanced_acc"], "init_s": init_s,
         "train_loss_first": losses[0], "train_loss_last10": float(sum(losses[-10:]) / len(losses[-10:])),
         "train_wall_s": loop.train_s, "run_wall_s": time.perf_counter() - t_run,
         "ms_per_step": 1000.0 * loop.train_s / size.steps,
@@ -119,6 +136,6 @@ def train_run(method: str, r: int, lr: float, seed: int, size: Size, encoder, da
         row["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
         row["cuda_peak_above_start_bytes"] = int(torch.cuda.max_memory_allocated(device) - base_alloc)
     if log:
-        log(f"  {method:12s} r={str(row['r']):4s} lr={lr:<8g} seed={seed} val={curve_acc[-1]:.3f} "
+        log(f"  {spec.name:18s} r={str(row['r']):4s} lr={lr:<8g} seed={seed} val={val['acc']:.3f} "
             f"loss {losses[0]:.3f}->{row['train_loss_last10']:.3f} {loop.train_s:6.1f}s")
     return row, model
