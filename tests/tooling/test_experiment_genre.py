@@ -154,6 +154,7 @@ def test_genre_toy_pipeline(tmp_path):
     assert got["ours_kaiming_nocorr"]["lr_from"] == "ours_grad"
     assert got["ours_kaiming_nocorr"]["lr_grid"] == [by["ours_grad"]["lr_selected"]]
     assert "ours_kaiming_nocorr" in more["paired"]["8"]
+    assert more["meta"]["wall_s_earlier_parts"] == saved["meta"]["wall_s"] < more["meta"]["wall_s"]
     with pytest.raises(ValueError, match="was run at another size"):
         genre.run(genre.parse_args(["--size", "toy", "--steps", "3", "--out", str(out_dir), "--device", "cpu",
                                     "--quiet", "--resume"]))

@@ -108,16 +108,18 @@ def _write(out: dict, folder: str, quiet: bool) -> None:
         print(md)
 
 
-def _checkpoint(folder: str, size, results, runs) -> None:
-    """DIR/partial.json: the configurations and runs finished so far (removed when the run completes)."""
+def _checkpoint(folder: str, size, results, runs, wall_s: float) -> None:
+    """DIR/partial.json: the configurations and runs finished so far, and the wall time they took
+    (removed when the run completes)."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "partial.json"), "w") as f:
-        json.dump({"size": asdict(size), "results": results, "runs": runs}, f)
+        json.dump({"size": asdict(size), "results": results, "runs": runs, "wall_s": wall_s}, f)
 
 
-def _finished(folder: str, size) -> dict:
-    """{(method, r): (result, its runs)} from DIR/partial.json (``--resume``), or from DIR/results.json
-    of a completed run; the size must be the one it was run with (methods aside)."""
+def _finished(folder: str, size):
+    """({(method, r): (result, its runs)}, the wall seconds they took) from DIR/partial.json
+    (``--resume``), or from DIR/results.json of a completed run; the size must be the one it was run
+    with (methods aside)."""
     for name in ("partial.json", "results.json"):
         path = os.path.join(folder, name)
         if os.path.exists(path):
@@ -132,8 +134,9 @@ def _finished(folder: str, size) -> dict:
         was = {k: (tuple(v) if isinstance(v, list) else v) for k, v in was.items() if k != "methods"}
         if was != {k: (tuple(v) if isinstance(v, list) else v) for k, v in now.items()}:
             raise ValueError(f"--resume: {path} was run at another size: {was} (now {now})")
-    return {(res["method"], res["r"]): (res, [x for x in saved["runs"] if x["method"] == res["method"]
-                                             and x["r"] == res["r"]]) for res in saved["results"]}
+    done = {(res["method"], res["r"]): (res, [x for x in saved["runs"] if x["method"] == res["method"]
+                                              and x["r"] == res["r"]]) for res in saved["results"]}
+    return done, float(saved.get("wall_s", saved.get("meta", {}).get("wall_s", 0.0)))
 
 
 def run(args) -> dict:
@@ -160,7 +163,8 @@ def run(args) -> dict:
     log(f"[genre] {len(configs)} configurations of {size.steps} steps (batch {size.batch} x {size.seq_len} tokens)")
     runner = Runner(size, encoder, data, device, log)
     results, picked = [], {}
-    done = _finished(args.out, size) if args.resume else {}
+    done, earlier_s = _finished(args.out, size) if args.resume else ({}, 0.0)
+    t_all -= earlier_s  # wall times count the earlier parts of a resumed run
     for method, r in configs:
         spec = METHODS[method]
         if (method, r) in done:  # --resume: a configuration an earlier run finished
@@ -175,7 +179,7 @@ def run(args) -> dict:
         picked[(method, r)] = lr_sel
         res = summarize_config(spec, r, lrs, lr_sel, by_lr, runner.runs, device.type == "cuda", borrowed)
         results.append(res)
-        _checkpoint(args.out, size, results, runner.runs)
+        _checkpoint(args.out, size, results, runner.runs, time.perf_counter() - t_all)
         log(f"[genre] {method} r={r}: lr {lr_sel:g}, test {100 * res['test_acc_mean']:.1f} +- "
             f"{100 * res['test_acc_std']:.1f} ({len(runner.runs)} runs, {time.perf_counter() - t_all:.0f}s)")
     paired = paired_comparisons(results, runner.runs, data["test"].labels, data["test"].play_ids, size.ranks,
@@ -183,7 +187,9 @@ def run(args) -> dict:
     diag = None
     if not args.no_diagnostics and any(METHODS[m].family == "ours" for m in methods):
         diag = diagnostics(encoder, data, size, device, size.ranks)
-    out = {"meta": _meta(args, size, device, model_dir, t_all), "data": summary, "results": results,
+    meta = _meta(args, size, device, model_dir, t_all)
+    meta["wall_s_earlier_parts"] = earlier_s
+    out = {"meta": meta, "data": summary, "results": results,
            "baseline": BASELINE, "paired": paired, "goal": goal_check(results, paired, size.ranks),
            "diagnostics": diag, "runs": runner.runs, "plots": []}
     _write(out, args.out, args.quiet)

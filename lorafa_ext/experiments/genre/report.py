@@ -11,9 +11,12 @@ def _pm(mean, std, scale=100.0, fmt="{:.1f}"):
 def _intro(out: dict) -> list:
     m, size = out["meta"], out["meta"]["size"]
     L = [f"# Shakespeare genre with all-MiniLM-L6-v2: {size['name']} run", ""]
-    L.append(f"`{m['command']}` on {m['device']} ({m['threads']} threads), {m['date']}, "
+    device = m["device"] if "thread" in m["device"] else f"{m['device']} ({m['threads']} threads)"
+    L.append(f"`{m['command']}` on {device}, {m['date']}, "
              f"lorafa backend `{m['lorafa_backend']}`, torch {m['versions']['torch']}, transformers "
-             f"{m['versions']['transformers']}, peft {m['versions']['peft']}; total {m['wall_s'] / 60:.1f} min.")
+             f"{m['versions']['transformers']}, peft {m['versions']['peft']}; total {m['wall_s'] / 60:.1f} min"
+             + (f" ({m['wall_s_earlier_parts'] / 60:.1f} of them in the parts --resume continued)."
+                if m.get("wall_s_earlier_parts") else "."))
     L.append("")
     L.append(f"Budget per run: {size['steps']} steps, batch {size['batch']} passages of {size['seq_len']} tokens, "
              f"{m['schedule']}; {m['optimizer']}. Learning rate: {m['selection']}. "
