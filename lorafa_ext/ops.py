@@ -73,13 +73,24 @@ def linear_forward(
     return torch.ops.lorafa.linear_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 
 
+def _forward_outputs(x, out, lora_a):
+    """The forward ops' (y, z): y (*, out) in x's dtype, z (N, r) in promote(x, lora_a)."""
+    y = x.new_empty((*x.shape[:-1], out))
+    z = x.new_empty((math.prod(x.shape[:-1]), lora_a.shape[0]), dtype=torch.promote_types(x.dtype, lora_a.dtype))
+    return y, z
+
+
+def _backward_outputs(grad_y, n_in, lora_b, output_mask):
+    """The backward ops' dx (*, in) and d_lora_b, each empty (0,) where output_mask says so."""
+    dx = grad_y.new_empty((*grad_y.shape[:-1], n_in)) if output_mask[0] else grad_y.new_empty(0)
+    d_b = lora_b.new_empty(lora_b.shape) if output_mask[1] else lora_b.new_empty(0)
+    return dx, d_b
+
+
 @torch.library.register_fake("lorafa::linear_forward")
 def _linear_forward_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=None):
     _checks.check_forward("lorafa.linear_forward", x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-    rows = math.prod(x.shape[:-1])
-    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    z = x.new_empty((rows, lora_a.shape[0]), dtype=torch.promote_types(x.dtype, lora_a.dtype))
-    return y, z
+    return _forward_outputs(x, weight.shape[0], lora_a)
 
 
 def linear_backward(
@@ -104,8 +115,7 @@ def linear_backward(
 @torch.library.register_fake("lorafa::linear_backward")
 def _linear_backward_fake(grad_y, z, weight, lora_a, lora_b, scaling, dropout_p, seed, output_mask):
     _checks.check_backward("lorafa.linear_backward", grad_y, z, weight, lora_a, lora_b, scaling, dropout_p, seed)
-    dx = grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1])) if output_mask[0] else grad_y.new_empty(0)
-    d_b = lora_b.new_empty(lora_b.shape) if output_mask[1] else lora_b.new_empty(0)
+    dx, d_b = _backward_outputs(grad_y, weight.shape[1], lora_b, output_mask)
     d_bias = grad_y.new_empty(weight.shape[0]) if output_mask[2] else grad_y.new_empty(0)
     return dx, d_b, d_bias
 
@@ -154,10 +164,7 @@ def lowrank_forward(
 @torch.library.register_fake("lorafa::lowrank_forward")
 def _lowrank_forward_fake(x, lora_a, lora_b, scaling, dropout_p=0.0, seed=None):
     _checks.check_forward("lorafa.lowrank_forward", x, None, None, lora_a, lora_b, scaling, dropout_p, seed)
-    rows = math.prod(x.shape[:-1])
-    y = x.new_empty((*x.shape[:-1], lora_b.shape[0]))
-    z = x.new_empty((rows, lora_a.shape[0]), dtype=torch.promote_types(x.dtype, lora_a.dtype))
-    return y, z
+    return _forward_outputs(x, lora_b.shape[0], lora_a)
 
 
 def lowrank_backward(
@@ -179,9 +186,7 @@ def lowrank_backward(
 @torch.library.register_fake("lorafa::lowrank_backward")
 def _lowrank_backward_fake(grad_y, z, lora_a, lora_b, scaling, dropout_p, seed, output_mask):
     _checks.check_backward("lorafa.lowrank_backward", grad_y, z, None, lora_a, lora_b, scaling, dropout_p, seed)
-    dx = grad_y.new_empty((*grad_y.shape[:-1], lora_a.shape[1])) if output_mask[0] else grad_y.new_empty(0)
-    d_b = lora_b.new_empty(lora_b.shape) if output_mask[1] else lora_b.new_empty(0)
-    return dx, d_b
+    return _backward_outputs(grad_y, lora_a.shape[1], lora_b, output_mask)
 
 
 def gram_inverse(lora_a: Tensor, eps: float = 1e-6) -> Tensor:
