@@ -81,6 +81,7 @@ def test_genre_toy_pipeline(tmp_path):
     with open(out_dir / "results.json") as f:
         saved = json.load(f)
     assert saved["meta"]["size"]["name"] == "toy"
+    assert saved["meta"]["precision"] == genre.PRECISIONS["bf16"]
     assert (out_dir / "results.md").read_text().startswith("# Shakespeare genre")
     if importlib.util.find_spec("matplotlib") is not None:
         assert saved["plots"] == ["val_acc_vs_step.png"]
@@ -176,3 +177,27 @@ def test_sizes_and_learning_rates_resolve():
     assert _lrs(kaiming, 16, quick, {}, None) == ((1e-3,), None)
     # --lrs: every value, ascending (ties in the selection go to the lower)
     assert _lrs(genre.METHODS["peft_lora"], 8, quick, {}, [3e-3, 1e-4, 1e-3]) == ((1e-4, 1e-3, 3e-3), None)
+    # full fine-tuning sweeps three values too; the horizon size runs the grid's middle, one seed, r = 8
+    horizon = genre.SIZES["horizon"]
+    assert _lrs(genre.METHODS["full"], None, full, {}, None) == ((3e-5, 1e-4, 3e-4), None)
+    assert _lrs(genre.METHODS["full"], None, horizon, {}, None) == ((1e-4,), None)
+    assert _lrs(genre.METHODS["ours_grad"], 8, horizon, {}, None) == ((1e-3,), None)
+    assert horizon.seeds == 1 and horizon.ranks == (8,) and horizon.steps > full.steps
+
+
+def test_precision_sets_the_forward_passes_autocast():
+    import torch
+
+    from lorafa_ext.experiments import genre
+    from lorafa_ext.experiments.genre.train import forward_precision
+
+    assert genre.SIZES["full"].precision == "bf16"
+    for name, on in (("bf16", True), ("fp32", False)):
+        size = genre.resolve_size(genre.parse_args(["--precision", name]))
+        assert size.precision == name
+        with forward_precision("cpu", size):
+            assert torch.is_autocast_enabled("cpu") == on
+            y = torch.nn.functional.linear(torch.randn(3, 5), torch.randn(4, 5))
+        assert y.dtype == (torch.bfloat16 if on else torch.float32)
+    with pytest.raises(SystemExit):
+        genre.parse_args(["--precision", "fp16"])

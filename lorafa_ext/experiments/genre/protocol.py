@@ -49,7 +49,7 @@ class Runner:
         return row, model
 
     def add_test(self, row: dict, model) -> None:
-        pred = predict(model, self.data["test"], self.device, self.size.eval_batch)
+        pred = predict(model, self.data["test"], self.device, self.size)
         row.update({f"test_{k}": v for k, v in scores(pred, self.data["test"].labels).items()})
         row["test_pred"] = encode_preds(pred)
 
@@ -92,7 +92,8 @@ def _peak_memory(res: dict, sel: List[dict], cuda: bool) -> None:
     else:
         res["peak_memory_bytes"] = res["memory"]["total_bytes"]
         res["peak_memory_kind"] = ("counted: parameters + gradients + optimizer state + activations saved "
-                                   "for backward (one training step)")
+                                   "for backward (one training step; under bf16 autocast the bf16 weight "
+                                   "copies backward keeps count as saved)")
     res["peak_memory_mib"] = res["peak_memory_bytes"] / 2 ** 20
 
 

@@ -16,15 +16,22 @@ from .data import BalancedSampler
 from .model import build, schedule
 
 
+def forward_precision(device, size: Size):
+    """The context of every forward pass: bf16 autocast for size.precision "bf16", else nothing."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=size.precision == "bf16")
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, data: shk.Passages, device, batch: int) -> torch.Tensor:
-    """The predicted genre of every passage (int64, on the CPU)."""
+def predict(model: nn.Module, data: shk.Passages, device, size: Size) -> torch.Tensor:
+    """The predicted genre of every passage (int64, on the CPU), size.eval_batch passages at a time."""
     was = model.training
     model.eval()
     preds = []
-    for i in range(0, len(data), batch):
-        ids = data.input_ids[i: i + batch].to(device)
-        preds.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).argmax(-1).cpu())
+    for i in range(0, len(data), size.eval_batch):
+        ids = data.input_ids[i: i + size.eval_batch].to(device)
+        with forward_precision(device, size):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        preds.append(logits.argmax(-1).cpu())
     model.train(was)
     return torch.cat(preds)
 
@@ -35,8 +42,8 @@ def scores(pred: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     return {"acc": float((pred == labels).float().mean()), "balanced_acc": float(sum(recalls) / len(recalls))}
 
 
-def evaluate(model: nn.Module, data: shk.Passages, device, batch: int) -> Dict[str, float]:
-    return scores(predict(model, data, device, batch), data.labels)
+def evaluate(model: nn.Module, data: shk.Passages, device, size: Size) -> Dict[str, float]:
+    return scores(predict(model, data, device, size), data.labels)
 
 
 def _memory_breakdown(model, opt, saved_bytes: int) -> Dict[str, int]:
@@ -80,8 +87,9 @@ class _Loop:
         ix = self.sampler.next()
         ids = self.data["train"].input_ids[ix].to(self.device, non_blocking=True)
         y = self.data["train"].labels[ix].to(self.device, non_blocking=True)
-        logits, saved = _forward(self.model, ids, measure_memory and i == 0)
-        loss = nn.functional.cross_entropy(logits, y)
+        with forward_precision(self.device, self.size):
+            logits, saved = _forward(self.model, ids, measure_memory and i == 0)
+        loss = nn.functional.cross_entropy(logits.float(), y)
         loss.backward()
         self.opt.step()
         if saved is not None:
@@ -114,8 +122,8 @@ def train_run(spec: Method, r: int, lr: float, seed: int, size: Size, encoder, d
         loop.step(step, measure_memory)
         if (step + 1) % size.eval_every == 0 and step + 1 < size.steps:
             curve_steps.append(step + 1)
-            curve_acc.append(evaluate(model, data["val_curve"], device, size.eval_batch)["acc"])
-    val_pred = predict(model, data["val"], device, size.eval_batch)
+            curve_acc.append(evaluate(model, data["val_curve"], device, size)["acc"])
+    val_pred = predict(model, data["val"], device, size)
     curve_steps.append(size.steps)
     idx = data["val_curve_index"]
     curve_acc.append(scores(val_pred[idx], data["val"].labels[idx])["acc"])
