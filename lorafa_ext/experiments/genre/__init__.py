@@ -1,7 +1,7 @@
 """Effectiveness on real data: genre of a Shakespeare passage with all-MiniLM-L6-v2.
 
     python -m lorafa_ext.experiments.genre --out DIR                  # about 100 minutes on 2 idle cores
-    python -m lorafa_ext.experiments.genre --out DIR --quick          # about 12 minutes
+    python -m lorafa_ext.experiments.genre --out DIR --quick          # about 14 minutes
     python -m lorafa_ext.experiments.genre --out DIR --size horizon   # 600-step curves, about 20 minutes
 
 Fine-tunes the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; weights and tokenizer from the

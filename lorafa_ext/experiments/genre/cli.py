@@ -204,7 +204,7 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="genre_out", help="output folder (default: genre_out)")
     ap.add_argument("--quick", dest="size", action="store_const", const="quick",
-                    help="about 12 minutes on 2 idle cores; same as --size quick")
+                    help="about 14 minutes on 2 idle cores; same as --size quick")
     ap.add_argument("--size", choices=sorted(SIZES), default="full",
                     help="size preset (default: full, about 100 minutes on 2 idle cores)")
     ap.set_defaults(size="full")  # --quick shares the destination

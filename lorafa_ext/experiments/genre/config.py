@@ -101,7 +101,7 @@ SIZES = {
     # the horizon size's validation curves have flattened), about 100 minutes on 2 idle cores.
     "full": Size("full", seq_len=64, batch=16, steps=200, eval_every=40, val_passages=1008, curve_passages=252,
                  test_cap=None, seeds=3),
-    # About 12 minutes on 2 idle cores: the goal's comparison (and full fine-tuning) at shorter runs, one
+    # About 14 minutes on 2 idle cores: the goal's comparison (and full fine-tuning) at shorter runs, one
     # learning rate each (the grid's middle), 2 seeds, a fifth of the test set.
     "quick": Size("quick", seq_len=64, batch=16, steps=100, eval_every=25, val_passages=252, curve_passages=126,
                   test_cap=96, seeds=2, methods=("full", "peft_lora", "ours_grad", "ours_act", "ours_kaiming"),

@@ -39,8 +39,8 @@ def plot(out: dict, path: str) -> Optional[str]:
     axes[0][0].set_ylabel("validation accuracy (%)")
     size = out["meta"]["size"]
     fig.suptitle(f"Shakespeare genre, all-MiniLM-L6-v2 ({size['name']}: {size['steps']} steps, batch "
-                 f"{size['batch']} x {size['seq_len']} tokens; mean +- std over seeds at the selected lr; "
-                 f"{out['data'].get('val_curve_passages', '')} validation passages)",
+                 f"{size['batch']} x {size['seq_len']} tokens)\nmean +- std over seeds at the selected lr; "
+                 f"{out['data'].get('val_curve_passages', '')} validation passages",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
