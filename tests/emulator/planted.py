@@ -26,6 +26,7 @@ class Bug:
 
 
 _SHAPES = ("tests/test_cuda.py::test_cuda_shapes_dtypes", "-k", "emulated")
+_LOWRANK = ("tests/test_lowrank.py::test_lowrank_forward_backward", "-k", "emulated")
 
 BUGS = [
     Bug("missing_barrier", "project: no __syncthreads() between staging a K tile and reading it",
@@ -60,12 +61,10 @@ BUGS = [
         _SHAPES),
     Bug("lowrank_b_transposed", "lowrank_forward: B (out, r) read with its strides swapped",
         "cuda/lorafa_cuda.cu", ".q = b.const_data_ptr<ZT>(), .sq0 = r, .sq1 = 1, .rows = rows",
-        ".q = b.const_data_ptr<ZT>(), .sq0 = 1, .sq1 = r, .rows = rows",
-        ("tests/test_lowrank.py::test_lowrank_forward_backward", "-k", "emulated")),
+        ".q = b.const_data_ptr<ZT>(), .sq0 = 1, .sq1 = r, .rows = rows", _LOWRANK),
     Bug("lowrank_grad_b_unscaled", "lowrank_backward: dB without the scaling s",
         "cuda/lorafa_cuda.cu", "grad_b<YT, ZT>(dy, z, &db_z, nullptr, scaling);",
-        "grad_b<YT, ZT>(dy, z, &db_z, nullptr, 1.0);",
-        ("tests/test_lowrank.py::test_lowrank_forward_backward", "-k", "emulated")),
+        "grad_b<YT, ZT>(dy, z, &db_z, nullptr, 1.0);", _LOWRANK),
     Bug("gram_static_delta", "gram_invert: delta in static shared memory beside the dynamic rows (the "
         "launch at the largest admitted rank fails)",
         "cuda/kernels/gram_invert.cuh", "  G& delta = colk[r];", "  __shared__ G delta;",

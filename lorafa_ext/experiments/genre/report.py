@@ -19,7 +19,7 @@ def _intro(out: dict) -> list:
                 if m.get("wall_s_earlier_parts") else "."))
     L.append("")
     L.append(f"Budget per run: {size['steps']} steps, batch {size['batch']} passages of {size['seq_len']} tokens, "
-             f"{m['schedule']}; {m['optimizer']}. Precision: {m.get('precision', 'fp32 throughout')}. Learning rate: {m['selection']}. "
+             f"{m['schedule']}; {m['optimizer']}. Precision: {m['precision']}. Learning rate: {m['selection']}. "
              f"{size['seeds']} seeds. Adapters on {', '.join(m['target_modules'])} (36 layers), alpha = 2r; "
              f"head: {m['head']}, trainable in every method. Data-aware A: init_from_data on {m['init_from_data']}.")
     L.append("")
